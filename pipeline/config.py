@@ -1,0 +1,215 @@
+"""Typed run configuration: YAML -> dataclasses, dotted `key=value` overrides, validation at load time.
+
+Every error is a `ConfigError` whose message is one line naming the key and, where there is a closed set,
+the valid choices. Nothing here starts a process group: the trainer validates first and launches after.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message is meant to be shown to the user as is."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard pattern(s) for training, braceexpand syntax; several joined with '::'
+    val: str = ""  # held-out shards for zero-shot / retrieval evaluation
+    classes: str = ""  # classes.json ({"classes": [...], "templates": [...]}); zero-shot is skipped if empty
+    workers: int = 2  # loader processes per rank
+    shuffle_block: int = 4096  # samples are shuffled within blocks of this many (after shard order shuffle)
+    max_bad_fraction: float = 0.01  # stop the run when more than this fraction of samples fails to decode
+
+
+@dataclass
+class ModelConfig:
+    name: str = "clip-tiny"  # an open_clip model name; configs/model/*.json are registered too
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    name: Literal["clip"] = "clip"
+    logit_scale_max: float = 100.0  # exp(t') is clamped here; the gradient is 0 beyond the clamp
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/train"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # per rank and micro-step
+    global_batch_size: int = 0  # if > 0, overrides batch_size = global / (world_size * grad_accum)
+    grad_accum: int = 1
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.2
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # 0 disables clipping
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    zero_stage: Literal[0, 1, 2, 3] = 1
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 200  # 0: only at the end
+    keep_last: int = 3
+    resume: str = "none"  # none | auto | path of a checkpoint directory
+    eval_at_end: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for c in choices:  # "1" from the command line should match 1
+            if value == c or (isinstance(value, str) and str(c) == value):
+                return c
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}={value!r} has the wrong type; expected {getattr(tp, '__name__', tp)}")
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"unknown key '{key}'{hint}; valid keys: {', '.join(prefix + n for n in names)}")
+        tp = hints[k]
+        kwargs[k] = _build(tp, v, f"{key}.") if dataclasses.is_dataclass(tp) else _coerce(v, tp, key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{p}' is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Reads a YAML file (or starts from the defaults when path is None) and applies `a.b=value` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    cfg = _build(RunConfig, tree, "")
+    _check_values(cfg)
+    return cfg
+
+
+def _check_values(cfg: RunConfig) -> None:
+    t = cfg.train
+    positive = {
+        "train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every, "train.keep_last": t.keep_last, "eval.batch_size": cfg.eval.batch_size,
+    }
+    for key, v in positive.items():
+        if v <= 0:
+            raise ConfigError(f"{key}={v} must be > 0")
+    for key, v in {"train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.ckpt_every": t.ckpt_every,
+                   "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
+                   "data.workers": cfg.data.workers, "train.global_batch_size": t.global_batch_size}.items():
+        if v < 0:
+            raise ConfigError(f"{key}={v} must be >= 0")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1)")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
+
+
+def resolve_batch(cfg: RunConfig, world_size: int) -> None:
+    """Applies train.global_batch_size for this world size; fails if it does not divide evenly."""
+    t = cfg.train
+    if t.global_batch_size:
+        per_step = world_size * t.grad_accum
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} is not divisible across ranks: "
+                f"world_size ({world_size}) x train.grad_accum ({t.grad_accum}) = {per_step}")
+        t.batch_size = t.global_batch_size // per_step
+    else:
+        t.global_batch_size = t.batch_size * world_size * t.grad_accum
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,74 @@
+"""DeepSpeed checkpoint (any ZeRO stage) -> open_clip directory: open_clip_config.json + open_clip_model.safetensors.
+
+`open_clip.create_model_and_transforms("local-dir:<dir>")` loads the result with no code of ours.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from pipeline.train.checkpoint import resolve_checkpoint
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (partitions merged)."""
+    if any(ckpt.glob("*optim_states.pt")) and any(ckpt.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def checkpoint_config(ckpt: Path) -> dict:
+    return yaml.safe_load((ckpt / "config.yaml").read_text())
+
+
+def load_model_from_checkpoint(ckpt: Path):
+    """(model, train_transform, eval_transform, tokenizer, config dict) with the checkpoint's weights."""
+    from pipeline.models.clip import create_clip, load_state_dict_reshaped
+
+    cfg = checkpoint_config(ckpt)
+    model, train_tf, eval_tf, tokenizer = create_clip(cfg["model"]["name"])
+    state = consolidated_state_dict(ckpt)
+    clamp_logit_scale(state, cfg["loss"]["logit_scale_max"])
+    load_state_dict_reshaped(model, state)
+    return model, train_tf, eval_tf, tokenizer, cfg
+
+
+def clamp_logit_scale(state: dict, logit_scale_max: float) -> None:
+    """Training clamps exp(t') in the loss; open_clip's forward does not, so the exported t' is clamped."""
+    if "logit_scale" in state:
+        state["logit_scale"] = state["logit_scale"].clamp(max=math.log(logit_scale_max))
+
+
+def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    from safetensors.torch import save_file
+    import open_clip
+
+    ckpt = resolve_checkpoint(checkpoint)
+    model, _, _, _, cfg = load_model_from_checkpoint(ckpt)
+    name = cfg["model"]["name"]
+    model_cfg = open_clip.get_model_config(name)
+    pp = model.visual.preprocess_cfg
+    preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "open_clip_model.safetensors"))
+    (tmp / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
+        "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1])},
+    }, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
