@@ -63,28 +63,28 @@ class ShardSet:
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self.total = int(self.counts.sum())
         self._members: dict[int, ShardMembers] = {}
-        self._handles: dict[int, object] = {}
+        self._fds: dict[int, int] = {}
 
     def locate(self, sample_id: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, sample_id, side="right") - 1)
         return shard, int(sample_id - self.starts[shard])
 
     def read(self, sample_id: int) -> tuple[str, dict[str, bytes]]:
-        """Returns (key, {ext: bytes}) of one sample. File handles stay open per process."""
+        """Returns (key, {ext: bytes}) of one sample. Shard descriptors stay open."""
         shard, row = self.locate(sample_id)
         if shard not in self._members:
             self._members[shard] = ShardMembers.load(self.paths[shard])
-        fh = self._handles.get(shard)
-        if fh is None:
-            if len(self._handles) >= 16:  # bound open files; a rank's slice touches few shards at a time
-                self._handles.pop(next(iter(self._handles))).close()
-            fh = self._handles[shard] = open(self.paths[shard], "rb")
+        fd = self._fds.get(shard)
+        if fd is None:
+            if len(self._fds) >= 16:  # bound open files; a rank's slice touches few shards at a time
+                os.close(self._fds.pop(next(iter(self._fds))))
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
         members = self._members[shard]
-        return members.keys[row], members.read(row, fh)
+        return members.keys[row], members.read(row, fd)
 
-    def __getstate__(self):  # open files do not travel to worker processes
+    def __getstate__(self):  # descriptors do not travel to spawned worker processes
         state = self.__dict__.copy()
-        state["_handles"] = {}
+        state["_fds"] = {}
         return state
 
 

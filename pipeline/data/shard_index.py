@@ -89,12 +89,12 @@ class ShardMembers:
         t = load_or_build_index(tar_path).to_pydict()
         return cls(tar_path, t["key"], [[(m["ext"], m["offset"], m["size"]) for m in ms] for ms in t["members"]])
 
-    def read(self, row: int, fh) -> dict[str, bytes]:
-        """Reads one sample's members from an open file handle of the shard."""
+    def read(self, row: int, fd: int) -> dict[str, bytes]:
+        """Reads one sample's members from an open file descriptor of the shard. Positional reads (pread)
+        share no file offset, so forked loader workers can use descriptors inherited from their parent."""
         out = {}
         for ext, offset, size in self.members[row]:
-            fh.seek(offset)
-            data = fh.read(size)
+            data = os.pread(fd, size, offset)
             if len(data) != size:
                 raise EOFError(f"{self.path}: member {self.keys[row]}.{ext} is truncated")
             out[ext] = data

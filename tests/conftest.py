@@ -1,0 +1,47 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo" / "clip_tiny.yaml"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small copy of the demo dataset: 7 uneven train shards (6 x 90 + 1 x 20), 1 val shard."""
+    from pipeline.data.demo_dataset import write_demo_dataset
+
+    return write_demo_dataset(tmp_path_factory.mktemp("demo_data"), train_samples=560, val_samples=80,
+                              samples_per_shard=90)
+
+
+def run_pipeline(*args, timeout=600, env=None, check=True):
+    """Runs `python -m pipeline ...` in a subprocess; returns the CompletedProcess."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline {args[0]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_overrides(demo_data, out_dir, **extra):
+    """Overrides for a fast test run of the demo config on the small dataset."""
+    base = {"data.train": demo_data["train"], "data.val": demo_data["val"], "data.classes": demo_data["classes"],
+            "train.out_dir": out_dir, "train.batch_size": 16, "train.steps": 6, "train.warmup_steps": 2,
+            "train.log_every": 1, "train.ckpt_every": 3, "train.progress": "false", "data.workers": 1}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
