@@ -1,0 +1,126 @@
+"""Real 2-rank DeepSpeed runs on CPU (torchrun, gloo): training, checkpoints, eval, export, kill and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import open_clip
+import pytest
+import torch
+
+from conftest import DEMO_CONFIG, REPO, run_pipeline, train_overrides
+from pipeline.data.loader import ShardSet, expand_shards, iterate_eval_samples
+from pipeline.export import consolidated_state_dict
+from pipeline.models.clip import create_clip, load_state_dict_reshaped
+from pipeline.train.metrics import read_metrics
+
+
+def _train(demo_data, out, **extra):
+    return run_pipeline("train", "--config", DEMO_CONFIG, "--nproc-per-node", "2",
+                        *train_overrides(demo_data, out, **extra))
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    _train(demo_data, out)
+    return out
+
+
+def _embeddings(model, transform, tokenizer, val):
+    images, captions, _ = next(iterate_eval_samples(ShardSet(expand_shards(val)), transform, 32))
+    model.eval()
+    with torch.no_grad():
+        return model.encode_image(images, normalize=True), model.encode_text(tokenizer(captions), normalize=True)
+
+
+def test_two_rank_run_writes_metrics_checkpoints_and_eval(trained):
+    records = read_metrics(trained / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert {"loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac", "grad_norm"} <= r.keys()
+        assert 0 < r["loss"] < 10 and r["samples_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1
+    assert records[-1]["samples_seen"] == 6 * 2 * 16
+    ckpts = trained / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000006"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert {"rank_00000.pt", "rank_00001.pt", "config.yaml"} <= {p.name for p in (ckpts / "step_00000006").iterdir()}
+    assert (trained / "metrics.png").stat().st_size > 1000
+    assert any((trained / "tensorboard").iterdir())
+    results = json.loads((trained / "eval.json").read_text())
+    assert results["samples"] == 80 and results["classes"] == 40
+    assert {"zero_shot_top1", "zero_shot_top5", "i2t_R@1", "t2i_R@10"} <= results.keys()
+
+
+def test_export_loads_in_plain_open_clip_with_equal_embeddings(trained, demo_data, tmp_path):
+    run_pipeline("export", "--checkpoint", trained, "--out", tmp_path / "export")
+    model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'export'}")
+    exported = _embeddings(model, eval_tf, tokenizer, demo_data["val"])
+
+    # Ours: the weights as the trainer's rank 0 held them (DeepSpeed's module file, no consolidation).
+    ours, _, our_tf, our_tok = create_clip("clip-tiny")
+    module = torch.load(trained / "checkpoints" / "step_00000006" / "mp_rank_00_model_states.pt",
+                        weights_only=False)["module"]
+    load_state_dict_reshaped(ours, module)
+    expected = _embeddings(ours, our_tf, our_tok, demo_data["val"])
+    for a, b in zip(exported, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    # The eval verb on the export gives exactly what the trainer measured at the end of training.
+    proc = run_pipeline("eval", "--model", tmp_path / "export", "--val", demo_data["val"],
+                        "--classes", demo_data["classes"], "--out", tmp_path / "eval.json")
+    assert "zero-shot top-1" in proc.stdout
+    ours_eval = json.loads((tmp_path / "eval.json").read_text())
+    train_eval = {k: v for k, v in json.loads((trained / "eval.json").read_text()).items() if k != "step"}
+    assert ours_eval == pytest.approx(train_eval, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
+def test_zero_stage_checkpoints_export(demo_data, tmp_path, stage):
+    out = tmp_path / "run"
+    _train(demo_data, out, **{"train.zero_stage": stage, "train.steps": 2, "train.ckpt_every": 0,
+                              "train.eval_at_end": "false"})
+    ckpt = out / "checkpoints" / "step_00000002"
+    state = consolidated_state_dict(ckpt)
+    model, *_ = create_clip("clip-tiny")
+    assert set(state) == set(model.state_dict())
+    run_pipeline("export", "--checkpoint", ckpt, "--out", tmp_path / "export")
+    exported, *_ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
+    for k, v in exported.state_dict().items():
+        torch.testing.assert_close(v, state[k].reshape(v.shape), rtol=0, atol=0)
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(demo_data, tmp_path):
+    extra = {"train.steps": 8, "train.ckpt_every": 4, "train.eval_at_end": "false", "train.resume": "auto"}
+    _train(demo_data, tmp_path / "a", **extra)
+    reference = _losses(tmp_path / "a")
+
+    out = tmp_path / "b"
+    cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(DEMO_CONFIG), "--nproc-per-node", "2",
+           *train_overrides(demo_data, out, **extra)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill after the step-4 checkpoint, mid-way to the next one
+        if (out / "metrics.jsonl").is_file() and max(_losses(out), default=0) >= 5:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
+    assert not (out / "checkpoints" / "step_00000008").exists()
+    (out / "checkpoints" / "step_00000006.partial").mkdir()  # as if killed while writing a checkpoint
+
+    _train(demo_data, out, **extra)
+    resumed = _losses(out)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+    assert not (out / "checkpoints" / "step_00000006.partial").exists()
