@@ -59,3 +59,13 @@ def test_cli_rejects_bad_config_before_launching(demo_data, tmp_path, extra, fra
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(fragment), proc.stderr
     assert "torch.distributed" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("path", sorted((DEMO_CONFIG.parents[1]).glob("*/*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_names_a_real_model(path):
+    from pipeline.models.clip import check_model_name
+
+    cfg = load_config(path)
+    check_model_name(cfg.model.name)
+    resolve_batch(cfg, world_size=8)
+    assert cfg.train.global_batch_size == cfg.train.batch_size * 8 * cfg.train.grad_accum
