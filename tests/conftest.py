@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU machines; set before any
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # kernel module is imported (jit reads it at decoration)
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo" / "clip_tiny.yaml"
 
