@@ -30,8 +30,12 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     """Starts `nproc` ranks of `python -m pipeline <argv>` under torchrun on this machine."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "pipeline", *argv]
+    import torch
+
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's accelerator probing and its warning
     return subprocess.call(cmd, env=env)
 
 

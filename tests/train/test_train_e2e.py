@@ -81,8 +81,10 @@ def test_export_loads_in_plain_open_clip_with_equal_embeddings(trained, demo_dat
 @pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_stage_checkpoints_export(demo_data, tmp_path, stage):
     out = tmp_path / "run"
-    _train(demo_data, out, **{"train.zero_stage": stage, "train.steps": 2, "train.ckpt_every": 0,
-                              "train.eval_at_end": "false"})
+    _train(demo_data, out, **{"train.zero_stage": stage, "train.steps": 2, "train.ckpt_every": 1,
+                              "train.keep_last": 1, "train.grad_accum": 2, "train.eval_at_end": "false"})
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == ["step_00000002"]  # keep_last=1
+    assert read_metrics(out / "metrics.jsonl")[-1]["samples_seen"] == 2 * 2 * 2 * 16  # steps x accum x ranks x batch
     ckpt = out / "checkpoints" / "step_00000002"
     state = consolidated_state_dict(ckpt)
     model, *_ = create_clip("clip-tiny")
