@@ -104,7 +104,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, nproc=args.nproc_per_node, train_samples=args.train_samples)
+    if not Path(args.config).is_file():
+        raise UserError(f"--config: file not found: {args.config}")
+    run_demo(Path(args.out), Path(args.config), steps=args.steps, nproc=args.nproc_per_node,
+             train_samples=args.train_samples)
     return 0
 
 
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate the demo data, train CLIP on 2 ranks, evaluate, export")
     d.add_argument("--out", default="runs/demo", help="where data, checkpoints, metrics and export go")
+    d.add_argument("--config", default=str(REPO / "configs" / "demo" / "clip_tiny.yaml"),
+                   help="the run config (e.g. configs/siglip/tiny_demo.yaml for the sigmoid loss)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     d.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="ranks to train with")
     d.add_argument("--train-samples", type=int, default=20000, help="size of the generated training split")

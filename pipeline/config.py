@@ -37,7 +37,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["clip"] = "clip"
+    name: Literal["clip", "siglip"] = "clip"  # softmax over all ranks' pairs, or the sigmoid loss on a ring
     logit_scale_max: float = 100.0  # exp(t') is clamped here; the gradient is 0 beyond the clamp
 
 

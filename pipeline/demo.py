@@ -9,12 +9,9 @@ import json
 import time
 from pathlib import Path
 
-from pipeline.__main__ import REPO, UserError, _torchrun
+from pipeline.__main__ import UserError, _torchrun, main
 
-DEMO_CONFIG = REPO / "configs" / "demo" / "clip_tiny.yaml"
-
-
-def run_demo(out: Path, steps: int | None = None, nproc: int = 2, train_samples: int = 20000) -> dict:
+def run_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2, train_samples: int = 20000) -> dict:
     import open_clip
 
     from pipeline.data.demo_dataset import write_demo_dataset
@@ -28,10 +25,10 @@ def run_demo(out: Path, steps: int | None = None, nproc: int = 2, train_samples:
                  f"train.out_dir={out}"]
     if steps is not None:
         overrides.append(f"train.steps={steps}")
-    print(f"[demo] training on {nproc} ranks: python -m pipeline train --config {DEMO_CONFIG.relative_to(REPO)} "
-          + " ".join(overrides), flush=True)
-    argv = ["train", "--config", str(DEMO_CONFIG), *overrides]
-    code = _torchrun(nproc, argv) if nproc > 1 else __import__("pipeline.__main__").__main__.main(argv)
+    print(f"[demo] training on {nproc} ranks: python -m pipeline train --config {config} " + " ".join(overrides),
+          flush=True)
+    argv = ["train", "--config", str(config), *overrides]
+    code = _torchrun(nproc, argv) if nproc > 1 else main(argv)
     if code != 0:
         raise UserError(f"training failed with exit code {code}")
 

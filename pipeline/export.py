@@ -35,7 +35,7 @@ def load_model_from_checkpoint(ckpt: Path):
     from pipeline.models.clip import create_clip, load_state_dict_reshaped
 
     cfg = checkpoint_config(ckpt)
-    model, train_tf, eval_tf, tokenizer = create_clip(cfg["model"]["name"])
+    model, train_tf, eval_tf, tokenizer = create_clip(cfg["model"]["name"], loss_name=cfg["loss"]["name"])
     state = consolidated_state_dict(ckpt)
     clamp_logit_scale(state, cfg["loss"]["logit_scale_max"])
     load_state_dict_reshaped(model, state)
@@ -52,10 +52,12 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
     import open_clip
 
+    from pipeline.models.clip import loss_init
+
     ckpt = resolve_checkpoint(checkpoint)
     model, _, _, _, cfg = load_model_from_checkpoint(ckpt)
     name = cfg["model"]["name"]
-    model_cfg = open_clip.get_model_config(name)
+    model_cfg = {**open_clip.get_model_config(name), **loss_init(cfg["loss"]["name"])}  # SigLIP: keeps logit_bias
     pp = model.visual.preprocess_cfg
     preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
     out = Path(out_dir)

@@ -5,6 +5,7 @@ The model is open_clip's own class, so its state dict is open_clip's and export 
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 
 import open_clip
@@ -32,10 +33,16 @@ def check_model_name(name: str) -> None:
         raise ModelNameError(f"model.name={name!r} is not an open_clip model config; {hint}")
 
 
-def create_clip(name: str, activation_checkpointing: bool = False):
+def loss_init(loss_name: str) -> dict:
+    """Model constructor arguments a loss needs: SigLIP starts at t' = log 10 with a learnable bias b = -10."""
+    return {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss_name == "siglip" else {}
+
+
+def create_clip(name: str, activation_checkpointing: bool = False, loss_name: str = "clip"):
     """Returns (model, train_transform, eval_transform, tokenizer); weights are random (nothing downloads)."""
     check_model_name(name)
-    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True)
+    model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True,
+                                                                     **loss_init(loss_name))
     if activation_checkpointing:
         model.set_grad_checkpointing(True)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)

@@ -22,6 +22,7 @@ from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, Shard
                                   make_train_loader)
 from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
 from pipeline.objectives.clip_loss import clip_loss
+from pipeline.objectives.siglip_loss import siglip_loss
 from pipeline.train.checkpoint import find_checkpoint, load_checkpoint, remove_partials, save_checkpoint
 from pipeline.train.distributed import DistEnv, init_process_group
 from pipeline.train.engine import build_engine
@@ -89,7 +90,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     dist.barrier()
 
     _seed_everything(t.seed)  # same seed on every rank: identical initial weights
-    model, train_tf, eval_tf, tokenizer = create_clip(cfg.model.name, cfg.model.activation_checkpointing)
+    model, train_tf, eval_tf, tokenizer = create_clip(cfg.model.name, cfg.model.activation_checkpointing,
+                                                      cfg.loss.name)
     promote_scalar_params(model)
     engine, _ = build_engine(model, cfg, env.world_size)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
@@ -136,8 +138,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             budget.add(batch, t.batch_size)
             out = engine(batch["images"].to(device, param_dtype, non_blocking=True),
                          batch["texts"].to(device, non_blocking=True))
-            loss = clip_loss(out["image_features"], out["text_features"], out["logit_scale"],
-                             cfg.loss.logit_scale_max)
+            loss = contrastive_loss(out, cfg)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach() / t.grad_accum
@@ -152,6 +153,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 "step": step, "loss": loss_sum.item() / env.world_size / window_steps,
                 "lr": engine.get_lr()[0],
                 "logit_scale": float(out["logit_scale"].detach().float().clamp(max=cfg.loss.logit_scale_max)),
+                **({"logit_bias": float(out["logit_bias"].detach().float())} if "logit_bias" in out else {}),
                 "samples_per_s": window_steps * t.global_batch_size / elapsed,
                 "data_wait_frac": window_wait / elapsed,
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
@@ -178,6 +180,13 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
     dist.barrier()
     return results
+
+
+def contrastive_loss(out: dict, cfg: RunConfig) -> torch.Tensor:
+    if cfg.loss.name == "siglip":
+        return siglip_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
+                           cfg.loss.logit_scale_max)
+    return clip_loss(out["image_features"], out["text_features"], out["logit_scale"], cfg.loss.logit_scale_max)
 
 
 def evaluate_engine(engine, cfg: RunConfig, eval_tf, tokenizer, is_main: bool) -> dict:

@@ -58,7 +58,7 @@ def plot_metrics(jsonl: Path, png: Path) -> None:
     records = [r for r in read_metrics(jsonl) if "loss" in r]
     if not records:
         return
-    keys = ["loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac", "grad_norm"]
+    keys = ["loss", "lr", "logit_scale", "logit_bias", "samples_per_s", "data_wait_frac", "grad_norm"]
     keys = [k for k in keys if any(k in r for r in records)]
     fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(4 * ((len(keys) + 1) // 2), 6), squeeze=False)
     for ax, k in zip(axes.flat, keys):

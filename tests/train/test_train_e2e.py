@@ -126,3 +126,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(demo_data, tmp_path):
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
     assert not (out / "checkpoints" / "step_00000006.partial").exists()
+
+
+def test_siglip_run_on_a_ring_exports_logit_bias(demo_data, tmp_path):
+    out = tmp_path / "run"
+    run_pipeline("train", "--config", REPO / "configs" / "siglip" / "tiny_demo.yaml", "--nproc-per-node", "2",
+                 *train_overrides(demo_data, out, **{"train.steps": 3, "train.eval_at_end": "false"}))
+    records = read_metrics(out / "metrics.jsonl")
+    assert records[0]["logit_scale"] == pytest.approx(10.0, rel=0.05)  # t' starts at log 10
+    assert records[0]["logit_bias"] == pytest.approx(-10.0, abs=0.05)
+    assert all(0 < r["loss"] < 20 for r in records)
+    run_pipeline("export", "--checkpoint", out, "--out", tmp_path / "export")
+    model, *_ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
+    state = consolidated_state_dict(out / "checkpoints" / "step_00000003")
+    assert model.logit_bias is not None
+    torch.testing.assert_close(model.logit_bias.detach(), state["logit_bias"].reshape(()), rtol=0, atol=0)
+    torch.testing.assert_close(model.logit_scale.detach(), state["logit_scale"].reshape(()), rtol=0, atol=0)
