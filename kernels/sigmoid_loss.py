@@ -50,7 +50,7 @@ def sigmoid_loss_reference(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------- tiled
-def _tiled_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: bool, tile: int = 1024):
+def _tiled_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: bool, tile: int = 512):
     n, m = x.shape[0], y.shape[0]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     t = t_prime.to(acc).exp()
@@ -243,6 +243,16 @@ def loss_and_grads(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, bias
     raise ValueError(f"sigmoid_loss: unknown impl {impl!r}")
 
 
+def take_saved_grads(ctx) -> tuple[torch.Tensor, ...]:
+    """The gradients computed in forward, handed out once: backward scales them in place and returns them, so
+    they become .grad without a copy (peak memory = one set of gradients)."""
+    if getattr(ctx, "grads_taken", False):
+        raise RuntimeError("sigmoid_loss: backward through the same graph twice is not supported "
+                           "(the gradients are computed in forward and handed out once)")
+    ctx.grads_taken = True
+    return ctx.saved_tensors
+
+
 class SigmoidLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto"):
@@ -254,10 +264,11 @@ class SigmoidLoss(torch.autograd.Function):
         return loss.to(torch.float32)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        dx, dy, dt, db = ctx.saved_tensors
+        dx, dy, dt, db = take_saved_grads(ctx)
         tp_shape, b_shape, tp_dtype, b_dtype = ctx.shapes
-        return (dx * grad.to(dx.dtype), dy * grad.to(dy.dtype), (dt * grad).reshape(tp_shape).to(tp_dtype),
+        return (dx.mul_(grad.to(dx.dtype)), dy.mul_(grad.to(dy.dtype)), (dt * grad).reshape(tp_shape).to(tp_dtype),
                 (db * grad).reshape(b_shape).to(b_dtype), None)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.sigmoid_loss import loss_and_grads, sigmoid_loss
+from kernels.sigmoid_loss import loss_and_grads, take_saved_grads, sigmoid_loss
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], world: int, rank: int) -> list:
@@ -73,10 +73,11 @@ class RingSigmoidLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        dx, dy, dt, db = ctx.saved_tensors
+        dx, dy, dt, db = take_saved_grads(ctx)
         tp_shape, b_shape = ctx.shapes
-        return dx * grad.to(dx.dtype), dy * grad.to(dy.dtype), (dt * grad).reshape(tp_shape), \
+        return dx.mul_(grad.to(dx.dtype)), dy.mul_(grad.to(dy.dtype)), (dt * grad).reshape(tp_shape), \
             (db * grad).reshape(b_shape)
 
 

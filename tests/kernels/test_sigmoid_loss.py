@@ -101,3 +101,20 @@ def test_bf16_on_gpu_judged_like_flash_attention(n, d):
     for got, eager_grad, want in zip(grads, [v.grad for v in ins], ref_grads):
         err = (got.double() - want).abs().max()
         assert err <= 2 * (eager_grad.double() - want).abs().max() + 1e-6
+
+
+def test_peak_memory_at_16k_is_20x_below_open_clip():
+    """n = 16384 on the CPU, each case in a fresh process: resident-memory growth of forward+backward.
+    (d = 64 keeps it fast; our footprint is one tile plus the gradients, open_clip's a few n x n matrices.)"""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from sigmoid_loss_bench import cpu_case_in_subprocess
+
+    ours = cpu_case_in_subprocess("ours", 16384, 64)
+    theirs = cpu_case_in_subprocess("open_clip", 16384, 64)
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    assert ours["grad_bias"] == pytest.approx(theirs["grad_bias"], rel=1e-4)
+    assert ours["peak_mib"] * 20 <= theirs["peak_mib"], (ours, theirs)
