@@ -15,9 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
-from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict
+from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict, to_yaml
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardSet, expand_shards,
                                   make_train_loader)
 from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
@@ -83,10 +82,11 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     out_dir = Path(t.out_dir)
     ckpt_root = out_dir / "checkpoints"
     is_main = env.rank == 0
+    config_yaml = to_yaml(cfg)  # the resolved config, saved with every checkpoint
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_partials(ckpt_root)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out_dir / "config.yaml").write_text(config_yaml)
     dist.barrier()
 
     _seed_everything(t.seed)  # same seed on every rank: identical initial weights
@@ -94,7 +94,6 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                                                       cfg.loss.name)
     promote_scalar_params(model)
     engine, _ = build_engine(model, cfg, env.world_size)
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
     start_step, next_batch = 0, 0
     resume_from = find_checkpoint(ckpt_root, t.resume)
