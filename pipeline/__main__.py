@@ -111,8 +111,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard(args: argparse.Namespace) -> int:
+    from pipeline.data.image_processing import ENCODE_FORMATS, ImageSettings
+    from pipeline.data.shard import ShardOptions, format_summary, parse_size, run_shard
+    from pipeline.data.sources import Columns, InputError
+
+    resize_mode = args.resize_mode or ("keep_ratio" if args.image_size else "none")
+    if resize_mode != "none" and not args.image_size:
+        raise UserError(f"--resize-mode {resize_mode} needs --image-size")
+    if args.image_size is not None and args.image_size <= 0:
+        raise UserError(f"--image-size must be > 0, not {args.image_size}")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be in 1..100, not {args.quality}")
+    if args.max_pixels <= 0:
+        raise UserError(f"--max-pixels must be > 0, not {args.max_pixels}")
+    encode = args.encode_format or ("jpg" if resize_mode != "none" else "keep")
+    assert encode in ENCODE_FORMATS
+    keep = None if args.keep_cols is None else [c for c in args.keep_cols.split(",") if c and c != "none"]
+    try:
+        opts = ShardOptions(
+            inputs=args.input, output=args.output, input_format=args.format,
+            columns=Columns(args.image_col, args.caption_col, args.key_col, args.label_col, args.audio_col,
+                            args.depth_col, keep),
+            image_root=args.image_root, samples_per_shard=args.samples_per_shard,
+            max_shard_bytes=parse_size(args.max_shard_bytes) if args.max_shard_bytes else None,
+            prefix=args.prefix, workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
+            image=ImageSettings(args.image_size, resize_mode, not args.no_upscale, encode, args.quality,
+                                not args.no_validate, args.max_pixels),
+            dedup_image=args.dedup_image, val_fraction=args.val_fraction, max_failure_rate=args.max_failure_rate,
+            overwrite=args.overwrite, progress=sys.stderr.isatty() if args.progress is None else args.progress)
+        summary = run_shard(opts)
+    except InputError as e:
+        raise UserError(str(e)) from None
+    print(format_summary(summary))
+    if summary["rows"] == 0:
+        raise UserError(f"the inputs hold no rows: {', '.join(args.input)}")
+    if summary["failure_rate"] > opts.max_failure_rate:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(summary["failures"].items(), key=lambda kv: -kv[1]))
+        print(f"error: {summary['failed']} of {summary['rows']} rows failed ({summary['failure_rate']:.1%} > "
+              f"--max-failure-rate {opts.max_failure_rate:g}): {reasons}; see {Path(args.output) / 'failures.parquet'}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Bad command-line input is one `error:` line and exit code 2, for every verb (subparsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog.removeprefix('python -m pipeline ')}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    p = OneLineErrorParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     t = sub.add_parser("train", help="train a model from a YAML config (run under torchrun, srun, or with "
@@ -145,6 +196,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="ranks to train with")
     d.add_argument("--train-samples", type=int, default=20000, help="size of the generated training split")
     d.set_defaults(func=cmd_demo)
+
+    h = sub.add_parser("shard", help="parquet/CSV/JSONL tables, image folders or tars -> indexed WebDataset shards",
+                       description="Turn raw image-text data into WebDataset shards with a parquet index, per-shard "
+                       "stats, a failures list and OUTPUT/summary.json. Rerun the same command to resume.")
+    h.add_argument("--input", action="append", required=True, metavar="PATH",
+                   help="a table (.parquet, .csv, .tsv, .jsonl, optionally .gz), a folder of images with .txt/.json "
+                        "sidecars, or a .tar; braces and globs expand; repeat for more")
+    h.add_argument("--output", required=True, help="output directory (resumed when it holds the same job)")
+    h.add_argument("--format", default="auto", choices=["auto", "parquet", "csv", "tsv", "jsonl", "folder", "tar"],
+                   help="input format (default: from the file name)")
+    h.add_argument("--image-col", help="image column: a local path or the image bytes (default: guessed)")
+    h.add_argument("--caption-col", help="caption column (default: guessed; 'none' for data without captions)")
+    h.add_argument("--key-col", help="sample key column (default: the row number)")
+    h.add_argument("--label-col", help="class id column, stored as .cls")
+    h.add_argument("--audio-col", help="audio column (.wav/.flac path or bytes), stored as .wav/.flac")
+    h.add_argument("--depth-col", help="depth column (16-bit .png or .npy path or bytes), stored as .depth.png/.depth.npy")
+    h.add_argument("--keep-cols", help="comma-separated columns copied into .json (default: all others; 'none')")
+    h.add_argument("--image-root", help="directory relative image paths start from (default: the table's)")
+    h.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per shard (the last may be short)")
+    h.add_argument("--max-shard-bytes", help="also cut shards at this size, e.g. 1GB")
+    h.add_argument("--prefix", help="shard name prefix (default: shard, or train/val with --val-fraction)")
+    h.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count; 0: in-process)")
+    h.add_argument("--image-size", type=int, help="resize target in pixels (enables --resize-mode keep_ratio)")
+    h.add_argument("--resize-mode", choices=["none", "keep_ratio", "keep_ratio_largest", "center_crop", "pad"],
+                   help="keep_ratio: shorter side = size; keep_ratio_largest: longer side = size; center_crop: "
+                        "square crop; pad: longer side = size, padded to a square")
+    h.add_argument("--no-upscale", action="store_true", help="do not enlarge images smaller than --image-size")
+    h.add_argument("--encode-format", choices=["keep", "jpg", "webp", "png"],
+                   help="stored image format (default: jpg when resizing, else keep the source's)")
+    h.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality when re-encoding")
+    h.add_argument("--no-validate", action="store_true", help="skip the decode test of images stored unchanged")
+    h.add_argument("--max-pixels", type=int, default=12_000 * 12_000, help="refuse larger images (decompression bombs)")
+    h.add_argument("--dedup-image", action="store_true", help="also drop rows whose stored image repeats an earlier one")
+    h.add_argument("--val-fraction", type=float, default=0.0,
+                   help="hold out this fraction (by a hash of the key) into OUTPUT/val; the rest goes to OUTPUT/train")
+    h.add_argument("--max-failure-rate", type=float, default=0.5, help="exit non-zero when more rows than this fail")
+    h.add_argument("--overwrite", action="store_true", help="start again in an OUTPUT holding another shard job")
+    h.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    h.set_defaults(func=cmd_shard)
     return p
 
 
