@@ -6,7 +6,6 @@ CLIP loss over all ranks (pipeline/objectives/clip_loss.py) -> DeepSpeed step (p
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections import Counter
