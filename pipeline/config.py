@@ -27,6 +27,10 @@ class DataConfig:
     workers: int = 2  # loader processes per rank
     shuffle_block: int = 4096  # samples are shuffled within blocks of this many (after shard order shuffle)
     max_bad_fraction: float = 0.01  # stop the run when more than this fraction of samples fails to decode
+    train_weights: str = ""  # per-source weights for a '::'-joined data.train, e.g. "1::0.5"; "" = all 1
+    resampled: bool = False  # draw every epoch with replacement (weights as probabilities); --dataset-resampled
+    jpeg_draft: bool = True  # decode JPEGs >= 2x the model's input size at 1/2..1/8 scale (libjpeg DCT scaling)
+    log_sample_keys: bool = False  # write every rank's sample keys per step to out_dir/sample_keys/
 
 
 @dataclass
@@ -74,6 +78,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
+    task: Literal["clip"] = "clip"  # what is trained; see pipeline/tasks/
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -1,21 +1,33 @@
-"""From brace-expanded shard paths to training batches, exactly and resumably.
+"""From brace-expanded shard paths to training batches, exactly, resumably and elastically.
 
-The order of an epoch is a pure function of (seed, epoch, shard sizes): shards are shuffled, then samples are
-shuffled within blocks of `shuffle_block`, and the sequence is cut into equal contiguous slices per rank (the
-remainder that does not fill a global batch is dropped, so every rank has the same number of batches and
-DDP never hangs on uneven shards). Batch `g` of a rank (counted across epochs) is built by loader worker
-`g % workers`, so the stream is the same for any worker count, and resuming means starting at batch `g`.
-Augmentation randomness is seeded per (seed, epoch, sample), so resumed batches are bit-identical.
+The order of an epoch is a pure function of (seed, epoch, shard sizes, source weights): shards are shuffled,
+then samples are shuffled within blocks of `shuffle_block`. The epoch is consumed one global batch at a time:
+the global batch at sample offset `o` is `order[o : o + G]` (G = world_size x batch_size) and rank r takes
+its r-th slice. The remainder of an epoch that does not fill a global batch is dropped, so every rank has the
+same number of batches (DDP never hangs on uneven shards) and no sample is seen twice within an epoch.
 
-Only allow-listed extensions are decoded; nothing from a shard is ever unpickled.
+The loader's whole state is a `StreamPosition(epoch, offset)`: it does not depend on the world size, so a run
+checkpointed on 2 ranks continues on 1 rank (or 4) exactly where the epoch stopped, without repeating or
+skipping a sample (elastic resumption). Batch k after the start is built by loader worker k % workers, so
+the stream is the same for any worker count; augmentation randomness is seeded per (seed, epoch, sample), so
+resumed batches are bit-identical.
+
+Several sources (`a/{0..99}.tar::b/{0..9}.tar`) can be mixed with per-source weights: a weight w makes a
+source contribute round(w x its size) samples per epoch (whole copies plus a seeded subset, so w=0.5 halves
+and w=2 doubles it). `resampled` mode draws every epoch with replacement instead, with per-sample probability
+proportional to its source's weight (open_clip's `--dataset-resampled`).
+
+Only allow-listed extensions are decoded (`pipeline.data.modalities` adds audio/depth/...); nothing from a
+shard is ever unpickled.
 """
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -40,30 +52,54 @@ class BadSample(Exception):
         self.reason = reason
 
 
-def expand_shards(spec: str, key: str = "data") -> list[str]:
-    """'a/{000..009}.tar::b/x.tar' -> list of local paths; fails naming `key` if any is missing."""
+# ----------------------------------------------------------------------------------------------- sources
+def expand_sources(spec: str, key: str = "data") -> list[list[str]]:
+    """'a/{000..009}.tar::b/x.tar' -> one list of local paths per '::'-separated source."""
     if not spec:
         raise DataError(f"{key} is empty; give a shard pattern such as 'data/train-{{000000..000009}}.tar'")
-    paths = []
-    for part in spec.split("::"):
-        for p in braceexpand(part.strip()):
-            paths.append(p.removeprefix("file:"))
+    sources = [[p.removeprefix("file:") for p in braceexpand(part.strip())] for part in spec.split("::")]
+    paths = [p for source in sources for p in source]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{key}: {len(missing)} of {len(paths)} shards not found (first: {missing[0]})")
-    return paths
+    return sources
+
+
+def expand_shards(spec: str, key: str = "data") -> list[str]:
+    """All shards of `spec` as one list of local paths; fails naming `key` if any is missing."""
+    return [p for source in expand_sources(spec, key) for p in source]
+
+
+def parse_weights(text: str, num_sources: int, key: str = "data.train_weights") -> tuple[float, ...] | None:
+    """'1::0.5' -> (1.0, 0.5), one weight per source; '' -> None (every source weight 1)."""
+    if not text:
+        return None
+    try:
+        weights = tuple(float(w) for w in str(text).split("::"))
+    except ValueError:
+        raise DataError(f"{key}={text!r}: weights are numbers separated by '::', e.g. '1::0.5'") from None
+    if len(weights) != num_sources:
+        raise DataError(f"{key} has {len(weights)} weights for {num_sources} sources (separate both with '::')")
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not any(weights):
+        raise DataError(f"{key}={text!r}: weights must be finite, >= 0 and not all 0")
+    return weights
 
 
 class ShardSet:
-    """The shards of a dataset and their sample counts, from the indexes (built where missing)."""
+    """The shards of a dataset, their sample counts (from the indexes, built where missing) and sources."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], source_of_shard: list[int] | None = None):
         self.paths = paths
         self.counts = np.array([load_or_build_index(p).num_rows for p in paths], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self.total = int(self.counts.sum())
+        self.sources = np.zeros(len(paths), np.int64) if source_of_shard is None else np.asarray(source_of_shard)
         self._members: dict[int, ShardMembers] = {}
         self._fds: dict[int, int] = {}
+
+    @classmethod
+    def from_sources(cls, sources: list[list[str]]) -> "ShardSet":
+        return cls([p for s in sources for p in s], [i for i, s in enumerate(sources) for _ in s])
 
     def locate(self, sample_id: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, sample_id, side="right") - 1)
@@ -76,7 +112,7 @@ class ShardSet:
             self._members[shard] = ShardMembers.load(self.paths[shard])
         fd = self._fds.get(shard)
         if fd is None:
-            if len(self._fds) >= 16:  # bound open files; a rank's slice touches few shards at a time
+            if len(self._fds) >= 16:  # bound open files; a shuffle block touches few shards at a time
                 os.close(self._fds.pop(next(iter(self._fds))))
             fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
         members = self._members[shard]
@@ -88,89 +124,228 @@ class ShardSet:
         return state
 
 
-def epoch_order(counts: np.ndarray, seed: int, epoch: int, shuffle_block: int) -> np.ndarray:
-    """Global sample ids in the order of one epoch."""
+# ----------------------------------------------------------------------------------------------- epoch plan
+def _source_sizes(counts: np.ndarray, sources: np.ndarray) -> np.ndarray:
+    return np.bincount(sources, weights=counts, minlength=int(sources.max()) + 1).astype(np.int64)
+
+
+def epoch_length(counts: np.ndarray, sources: np.ndarray | None = None,
+                 weights: tuple[float, ...] | None = None) -> int:
+    """Samples per epoch: each source contributes round(weight x size)."""
+    if weights is None:
+        return int(np.sum(counts))
+    sizes = _source_sizes(np.asarray(counts), np.asarray(sources))
+    return int(sum(round(w * n) for w, n in zip(weights, sizes)))
+
+
+def epoch_order(counts: np.ndarray, seed: int, epoch: int, shuffle_block: int,
+                sources: np.ndarray | None = None, weights: tuple[float, ...] | None = None,
+                resampled: bool = False) -> np.ndarray:
+    """Global sample ids in the order of one epoch (see the module docstring)."""
     rng = np.random.default_rng([seed, epoch])
+    counts = np.asarray(counts)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    order = np.concatenate([np.arange(starts[s], starts[s] + counts[s]) for s in rng.permutation(len(counts))])
+    sources = np.zeros(len(counts), np.int64) if sources is None else np.asarray(sources)
+    length = epoch_length(counts, sources, weights)
+    if resampled:  # with replacement; a sample's probability is proportional to its source's weight
+        w = np.ones(sources.max() + 1) if weights is None else np.asarray(weights, dtype=np.float64)
+        p = np.repeat(w[sources], counts)
+        return rng.choice(len(p), size=length, p=p / p.sum())
+    shard_order = rng.permutation(len(counts))
+    if weights is None:
+        order = np.concatenate([np.arange(starts[s], starts[s] + counts[s]) for s in shard_order])
+    else:  # floor(w) copies of every sample, plus a seeded subset for the fractional part of the weight
+        w = np.asarray(weights, dtype=np.float64)
+        copies = np.repeat(np.floor(w).astype(np.int64)[sources], counts)
+        sample_source = np.repeat(sources, counts)
+        for s, n in enumerate(_source_sizes(counts, sources)):
+            extra = round(w[s] * n) - int(np.floor(w[s])) * n
+            if extra > 0:
+                copies[rng.choice(np.flatnonzero(sample_source == s), extra, replace=False)] += 1
+        order = np.concatenate([np.repeat(np.arange(starts[s], starts[s] + counts[s]),
+                                          copies[starts[s]:starts[s] + counts[s]]) for s in shard_order])
     block = max(1, shuffle_block)
     for b in range(0, len(order), block):
         rng.shuffle(order[b:b + block])
     return order
 
 
-def rank_batches(order: np.ndarray, rank: int, world_size: int, batch_size: int) -> np.ndarray:
-    """(batches, batch_size) sample ids of one rank: a contiguous slice, remainder dropped."""
-    per_rank = len(order) // (world_size * batch_size) * batch_size
-    return order[rank * per_rank:(rank + 1) * per_rank].reshape(-1, batch_size)
+@dataclass(frozen=True)
+class StreamPosition:
+    """Where the next global batch starts: sample `offset` of epoch `epoch`. Independent of the world size."""
+    epoch: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StreamPosition":
+        return cls(int(d["epoch"]), int(d["offset"]))
 
 
-def decode_image_caption(raw: dict[str, bytes]) -> tuple[Image.Image, str]:
-    image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if image_ext is None:
-        raise BadSample("missing_image")
-    caption_ext = next((e for e in CAPTION_EXTS if e in raw), None)
-    if caption_ext is None:
-        raise BadSample("missing_caption")
+def batch_position(start: StreamPosition, k: int, epoch_len: int, global_batch: int) -> StreamPosition:
+    """Position of the k-th global batch after `start` (an epoch's tail shorter than a global batch is skipped)."""
+    per_epoch = epoch_len // global_batch
+    first = max(0, (epoch_len - start.offset) // global_batch)  # batches left in the start epoch
+    if k < first:
+        return StreamPosition(start.epoch, start.offset + k * global_batch)
+    epoch, j = divmod(k - first, per_epoch)
+    return StreamPosition(start.epoch + 1 + epoch, j * global_batch)
+
+
+@dataclass
+class LoaderSpec:
+    batch_size: int  # per rank
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    shuffle_block: int = 4096
+    weights: tuple[float, ...] | None = None  # per source; None: all 1
+    resampled: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
+    """RGB image. A JPEG much larger than `draft_size` is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
+    scaling (PIL's draft mode), never below `draft_size` on the shorter side: far less work for the same
+    pixels after the resize to `draft_size`."""
     try:
-        img = Image.open(io.BytesIO(raw[image_ext]))
+        img = Image.open(io.BytesIO(data))
+        if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
+            scale = draft_size / min(img.size)
+            img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
         img.load()
-        img = img.convert("RGB")
+        return img.convert("RGB")
     except Image.DecompressionBombError:
         raise BadSample("image_too_large") from None
     except Exception:
         raise BadSample("bad_image") from None
+
+
+def decode_caption(raw: dict[str, bytes]) -> str:
+    caption_ext = next((e for e in CAPTION_EXTS if e in raw), None)
+    if caption_ext is None:
+        raise BadSample("missing_caption")
     try:
         caption = raw[caption_ext].decode("utf-8").strip()
     except UnicodeDecodeError:
         raise BadSample("bad_caption") from None
     if not caption:
         raise BadSample("empty_caption")
-    return img, caption
+    return caption
+
+
+def decode_label(raw: dict[str, bytes]) -> int:
+    if "cls" not in raw:
+        raise BadSample("missing_label")
+    try:
+        return int(raw["cls"].decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadSample("bad_label") from None
+
+
+def image_member(raw: dict[str, bytes]) -> bytes:
+    ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if ext is None:
+        raise BadSample("missing_image")
+    return raw[ext]
+
+
+def decode_image_caption(raw: dict[str, bytes], draft_size: int | None = None) -> tuple[Image.Image, str]:
+    data = image_member(raw)
+    caption = decode_caption(raw)
+    return decode_image(data, draft_size), caption
 
 
 def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, sample_id]).generate_state(1)[0])
 
 
-@dataclass
-class LoaderSpec:
-    batch_size: int
-    rank: int = 0
-    world_size: int = 1
-    seed: int = 0
-    shuffle_block: int = 4096
+class SampleDecoder(Protocol):
+    """Turns one sample's members into tensors (raising BadSample), and a list of those into a batch."""
+
+    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]: ...
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]: ...
 
 
-class ImageTextBatches(IterableDataset):
-    """Endless stream of this rank's batches, starting at batch `start_batch` (counted across epochs).
+def stack_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stacks tensors and gathers other values into lists, field by field."""
+    out = {}
+    for name in samples[0]:
+        values = [s[name] for s in samples]
+        out[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
 
-    Each item: {"images": (B,3,H,W), "texts": (B,L), "keys": [...], "batch": g, "epoch": e, "bad": Counter}.
-    Samples that fail to decode are left out of their batch and counted by reason in "bad".
+
+class ImageTextDecoder:
+    """jpg/png/webp + txt -> {"images": transformed image, "texts": token ids} (tokenised in the workers)."""
+
+    def __init__(self, transform: Callable, tokenizer: Callable, draft_size: int | None = None):
+        self.transform, self.tokenizer, self.draft_size = transform, tokenizer, draft_size
+
+    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
+        img, caption = decode_image_caption(raw, self.draft_size)
+        return {"images": self.transform(img), "texts": caption}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = stack_collate(samples)
+        batch["texts"] = self.tokenizer(batch["texts"])
+        return batch
+
+
+class ImageLabelDecoder:
+    """jpg/png/webp + cls -> {"images", "labels"}; for supervised and masked-image pretraining."""
+
+    def __init__(self, transform: Callable, draft_size: int | None = None):
+        self.transform, self.draft_size = transform, draft_size
+
+    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
+        data = image_member(raw)
+        label = decode_label(raw)
+        return {"images": self.transform(decode_image(data, self.draft_size)), "labels": torch.tensor(label)}
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return stack_collate(samples)
+
+
+# ----------------------------------------------------------------------------------------------- stream
+class ShardBatches(IterableDataset):
+    """Endless stream of this rank's batches, from `start` on.
+
+    Each item is the decoder's batch plus {"keys": [...], "bad": Counter, "index": k (batches since start),
+    "epoch", "offset": where this global batch starts, "next": the StreamPosition after it}. Samples that fail
+    to decode are left out of their batch and counted by reason in "bad".
     """
 
-    def __init__(self, shards: ShardSet, spec: LoaderSpec, transform: Callable, tokenizer: Callable,
-                 start_batch: int = 0):
-        self.shards, self.spec = shards, spec
-        self.transform, self.tokenizer = transform, tokenizer
-        self.start_batch = start_batch
-        self.batches_per_epoch = shards.total // (spec.world_size * spec.batch_size)
+    def __init__(self, shards: ShardSet, spec: LoaderSpec, decoder: SampleDecoder,
+                 start: StreamPosition = StreamPosition()):
+        self.shards, self.spec, self.decoder, self.start = shards, spec, decoder, start
+        self.epoch_len = epoch_length(shards.counts, shards.sources, spec.weights)
+        self.global_batch = spec.world_size * spec.batch_size
+        self.batches_per_epoch = self.epoch_len // self.global_batch
         if self.batches_per_epoch == 0:
-            raise DataError(f"the training data has {shards.total} samples, fewer than one global batch "
-                            f"({spec.world_size} ranks x {spec.batch_size})")
-        self._plan_epoch, self._plan = -1, None
+            raise DataError(f"the training data has {self.epoch_len} samples per epoch, fewer than one global "
+                            f"batch ({spec.world_size} ranks x {spec.batch_size})")
+        self._order_epoch, self._order = -1, None
 
-    def batch_ids(self, g: int) -> tuple[int, np.ndarray]:
-        epoch, j = divmod(g, self.batches_per_epoch)
-        if epoch != self._plan_epoch:
-            order = epoch_order(self.shards.counts, self.spec.seed, epoch, self.spec.shuffle_block)
-            self._plan = rank_batches(order, self.spec.rank, self.spec.world_size, self.spec.batch_size)
-            self._plan_epoch = epoch
-        return epoch, self._plan[j]
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch != self._order_epoch:
+            s = self.spec
+            self._order = epoch_order(self.shards.counts, s.seed, epoch, s.shuffle_block, self.shards.sources,
+                                      s.weights, s.resampled)
+            self._order_epoch = epoch
+        return self._order
 
-    def make_batch(self, g: int) -> dict:
-        epoch, ids = self.batch_ids(g)
-        images, captions, keys, bad = [], [], [], Counter()
+    def batch_ids(self, k: int) -> tuple[StreamPosition, np.ndarray]:
+        pos = batch_position(self.start, k, self.epoch_len, self.global_batch)
+        lo = pos.offset + self.spec.rank * self.spec.batch_size
+        return pos, self.epoch_order(pos.epoch)[lo:lo + self.spec.batch_size]
+
+    def make_batch(self, k: int) -> dict:
+        pos, ids = self.batch_ids(k)
+        samples, keys, bad = [], [], Counter()
         for sid in ids.tolist():
             try:
                 key, raw = self.shards.read(sid)
@@ -178,31 +353,34 @@ class ImageTextBatches(IterableDataset):
                 bad["unreadable"] += 1
                 continue
             try:
-                img, caption = decode_image_caption(raw)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.spec.seed, pos.epoch, sid))
+                    samples.append(self.decoder.sample(raw))
             except BadSample as e:
                 bad[e.reason] += 1
                 continue
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.spec.seed, epoch, sid))
-                images.append(self.transform(img))
-            captions.append(caption)
             keys.append(key)
-        return {
-            "images": torch.stack(images) if images else torch.empty(0),
-            "texts": self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long),
-            "keys": keys, "batch": g, "epoch": epoch, "bad": bad,
-        }
+        batch = self.decoder.collate(samples) if samples else {}
+        nxt = StreamPosition(pos.epoch, pos.offset + self.global_batch)
+        return {**batch, "keys": keys, "bad": bad, "index": k, "epoch": pos.epoch, "offset": pos.offset,
+                "next": nxt.to_dict()}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        g = self.start_batch + worker
+        k = worker
         while True:
-            yield self.make_batch(g)
-            g += workers
+            yield self.make_batch(k)
+            k += workers
 
 
-def make_train_loader(dataset: ImageTextBatches, workers: int, pin_memory: bool) -> DataLoader:
+def ImageTextBatches(shards: ShardSet, spec: LoaderSpec, transform: Callable, tokenizer: Callable,
+                     start: StreamPosition = StreamPosition(), draft_size: int | None = None) -> ShardBatches:
+    """The image-caption stream (CLIP / SigLIP training)."""
+    return ShardBatches(shards, spec, ImageTextDecoder(transform, tokenizer, draft_size), start)
+
+
+def make_train_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)
 
@@ -215,8 +393,8 @@ def iterate_eval_samples(shards: ShardSet, transform: Callable, batch_size: int,
         try:
             _, raw = shards.read(sid)
             img, caption = decode_image_caption(raw)
-            label = int(raw["cls"].decode()) if with_label else -1
-        except (OSError, EOFError, BadSample, KeyError, ValueError):
+            label = decode_label(raw) if with_label else -1
+        except (OSError, EOFError, BadSample):
             continue
         images.append(transform(img))
         captions.append(caption)

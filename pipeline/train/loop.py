@@ -1,7 +1,8 @@
-"""The training run: validate -> process group -> model + data + engine -> resume -> steps -> checkpoints -> eval.
+"""The training run: validate -> process group -> task (model, decoder, loss) -> engine -> resume -> steps ->
+checkpoints -> eval. The same loop trains every task (pipeline/tasks/).
 
-A sample's path: shards (pipeline/data/loader.py) -> open_clip model (pipeline/models/clip.py) ->
-CLIP loss over all ranks (pipeline/objectives/clip_loss.py) -> DeepSpeed step (pipeline/train/engine.py).
+A sample's path: shards (pipeline/data/loader.py) -> the task's decoder in the loader workers -> the task's
+model and loss (e.g. pipeline/tasks/contrastive.py) -> DeepSpeed step (pipeline/train/engine.py).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import random
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +18,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict, to_yaml
-from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardSet, expand_shards,
-                                  make_train_loader)
-from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
-from pipeline.objectives.clip_loss import clip_loss
-from pipeline.objectives.siglip_loss import siglip_loss
+from pipeline.data.loader import (DataError, LoaderSpec, ShardBatches, ShardSet, StreamPosition, epoch_length,
+                                  expand_sources, make_train_loader, parse_weights)
+from pipeline.tasks import build_task, check_task
 from pipeline.train.checkpoint import find_checkpoint, load_checkpoint, remove_partials, save_checkpoint
 from pipeline.train.distributed import DistEnv, init_process_group
 from pipeline.train.engine import build_engine
@@ -30,12 +30,8 @@ from pipeline.train.metrics import MetricsLog
 def validate_run(cfg: RunConfig, world_size: int) -> None:
     """Everything that can be checked before a process group starts; raises ConfigError / DataError."""
     resolve_batch(cfg, world_size)
-    check_model_name(cfg.model.name)
-    expand_shards(cfg.data.train, "data.train")
-    if cfg.data.val:
-        expand_shards(cfg.data.val, "data.val")
-    if cfg.data.classes and not Path(cfg.data.classes).is_file():
-        raise ConfigError(f"data.classes: file not found: {cfg.data.classes}")
+    parse_weights(cfg.data.train_weights, len(expand_sources(cfg.data.train, "data.train")))
+    check_task(cfg)
     if cfg.train.precision in ("bf16", "fp16") and not torch.cuda.is_available():
         raise ConfigError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 (or auto) on the CPU")
     resume = cfg.train.resume
@@ -89,75 +85,85 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     dist.barrier()
 
     _seed_everything(t.seed)  # same seed on every rank: identical initial weights
-    model, train_tf, eval_tf, tokenizer = create_clip(cfg.model.name, cfg.model.activation_checkpointing,
-                                                      cfg.loss.name)
-    promote_scalar_params(model)
-    engine, _ = build_engine(model, cfg, env.world_size)
+    task = build_task(cfg)
+    engine, _ = build_engine(task.model, cfg, env.world_size)
 
-    start_step, next_batch = 0, 0
+    sources = expand_sources(cfg.data.train, "data.train")
+    shards = ShardSet.from_sources(sources)
+    spec = LoaderSpec(t.batch_size, env.rank, env.world_size, t.seed, cfg.data.shuffle_block,
+                      parse_weights(cfg.data.train_weights, len(sources)), cfg.data.resampled)
+    start_step, position = 0, StreamPosition()
     resume_from = find_checkpoint(ckpt_root, t.resume)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
-        if state["world_size"] != env.world_size or state["batch_size"] != t.batch_size:
-            raise ConfigError(f"checkpoint {resume_from} was written with world_size={state['world_size']}, "
-                              f"batch_size={state['batch_size']}; this run has {env.world_size}, {t.batch_size}")
-        start_step, next_batch = state["step"], state["next_batch"]
+        if state["world_size"] != env.world_size:
+            raise ConfigError(f"checkpoint {resume_from} was written with world_size={state['world_size']}; "
+                              f"this run has {env.world_size}")
+        start_step, position = state["step"], StreamPosition.from_dict(state["data"])
+        if state["data"]["epoch_samples"] != epoch_length(shards.counts, shards.sources, spec.weights):
+            raise ConfigError(f"checkpoint {resume_from} was trained on data with {state['data']['epoch_samples']} "
+                              f"samples per epoch; data.train now gives a different number, so its position "
+                              f"cannot be continued")
         if is_main:
-            print(f"resumed from {resume_from} at step {start_step}", flush=True)
+            print(f"resumed from {resume_from} at step {start_step} (epoch {position.epoch}, sample "
+                  f"{position.offset})", flush=True)
 
-    shards = ShardSet(expand_shards(cfg.data.train, "data.train"))
-    spec = LoaderSpec(t.batch_size, env.rank, env.world_size, t.seed, cfg.data.shuffle_block)
-    dataset = ImageTextBatches(shards, spec, train_tf, tokenizer, start_batch=next_batch)
+    dataset = ShardBatches(shards, spec, task.decoder, start=position)
     batches = iter(make_train_loader(dataset, cfg.data.workers, pin_memory=use_cuda))
     device = engine.device
-    param_dtype = next(engine.module.parameters()).dtype
-    image_size = engine.module.visual.image_size[0]
-    flops_per_sample = clip_flops_per_sample(engine.module, image_size, tokenizer.context_length)
-
     metrics = MetricsLog(out_dir, t.steps, start_step, t.progress and is_main) if is_main else None
+    keys_log = SampleKeyLog(out_dir, env.rank, start_step) if cfg.data.log_sample_keys else None
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
     samples_seen = start_step * t.global_batch_size
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
 
     def client_state(step: int) -> dict:
-        return {"step": step, "next_batch": next_batch, "samples_seen": samples_seen,
-                "world_size": env.world_size, "batch_size": t.batch_size, "seed": t.seed,
-                "epoch": next_batch // dataset.batches_per_epoch, "config": to_dict(cfg)}
+        return {"step": step, "data": {**position.to_dict(), "epoch_samples": dataset.epoch_len},
+                "samples_seen": samples_seen, "world_size": env.world_size, "batch_size": t.batch_size,
+                "seed": t.seed, "config": to_dict(cfg)}
 
-    step = start_step
+    step, k = start_step, 0
     loss_sum = torch.zeros((), device=device)
     while step < t.steps:
+        step_keys = []
         for _ in range(t.grad_accum):
             wait_start = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - wait_start
-            assert batch["batch"] == next_batch, "loader order broken"
-            next_batch += 1
+            if batch["index"] != k:
+                raise RuntimeError(f"loader order broken: got batch {batch['index']}, expected {k}")
+            k += 1
+            position = StreamPosition.from_dict(batch["next"])
             budget.add(batch, t.batch_size)
-            out = engine(batch["images"].to(device, param_dtype, non_blocking=True),
-                         batch["texts"].to(device, non_blocking=True))
-            loss = contrastive_loss(out, cfg)
+            step_keys += batch["keys"]
+            loss, stats = task.loss(engine, batch, device)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach() / t.grad_accum
         step += 1
         window_steps += 1
         samples_seen += t.global_batch_size
+        if keys_log:
+            keys_log.write(step, step_keys)
 
         if step % t.log_every == 0 or step == t.steps:
             dist.all_reduce(loss_sum)
+            bad = Counter()
+            for counts in _gather_objects(dict(budget.bad), env.world_size):
+                bad.update(counts)
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step, "loss": loss_sum.item() / env.world_size / window_steps,
                 "lr": engine.get_lr()[0],
-                "logit_scale": float(out["logit_scale"].detach().float().clamp(max=cfg.loss.logit_scale_max)),
-                **({"logit_bias": float(out["logit_bias"].detach().float())} if "logit_bias" in out else {}),
+                **{name: float(v) for name, v in stats.items()},
                 "samples_per_s": window_steps * t.global_batch_size / elapsed,
                 "data_wait_frac": window_wait / elapsed,
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "samples_seen": samples_seen,
-                "bad_samples": sum(budget.bad.values()),
-                "tflops_per_s": window_steps * t.global_batch_size * flops_per_sample / elapsed / 1e12,
+                "epoch": position.epoch,
+                "bad_samples": sum(bad.values()),
+                **{f"bad_samples/{reason}": n for reason, n in sorted(bad.items())},
+                "tflops_per_s": window_steps * t.global_batch_size * task.flops_per_sample / elapsed / 1e12,
             }
             if metrics:
                 metrics.log(record)
@@ -171,37 +177,50 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
 
     if metrics:
         metrics.close()
-    results = {}
-    if t.eval_at_end and cfg.data.val:
-        results = evaluate_engine(engine, cfg, eval_tf, tokenizer, is_main)
-        if is_main:
-            (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
+    results = evaluate_engine(engine, task, cfg, is_main) if t.eval_at_end else {}
+    if is_main and results:
+        (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
+    if keys_log:
+        keys_log.close()
     dist.barrier()
     return results
 
 
-def contrastive_loss(out: dict, cfg: RunConfig) -> torch.Tensor:
-    if cfg.loss.name == "siglip":
-        return siglip_loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"],
-                           cfg.loss.logit_scale_max)
-    return clip_loss(out["image_features"], out["text_features"], out["logit_scale"], cfg.loss.logit_scale_max)
+def _gather_objects(obj, world_size: int) -> list:
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
-def evaluate_engine(engine, cfg: RunConfig, eval_tf, tokenizer, is_main: bool) -> dict:
+class SampleKeyLog:
+    """Each rank's sample keys per optimizer step (`data.log_sample_keys`): the evidence that a resumed run
+    saw exactly the samples an uninterrupted one would have. Lines after the resume step are dropped."""
+
+    def __init__(self, out_dir: Path, rank: int, start_step: int):
+        path = out_dir / "sample_keys" / f"rank_{rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (path.read_text().splitlines() if path.exists() else [])
+                if json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in kept))
+        self._file = path.open("a")
+
+    def write(self, step: int, keys: list[str]) -> None:
+        self._file.write(json.dumps({"step": step, "keys": keys}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def evaluate_engine(engine, task, cfg: RunConfig, is_main: bool) -> dict:
     """Rank 0 evaluates the full model (under ZeRO-3 all ranks gather the parameters first)."""
-    from contextlib import nullcontext
-
     import deepspeed
-
-    from pipeline.eval.zero_shot import evaluate, format_results
 
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
               if cfg.train.zero_stage == 3 else nullcontext())
     results = {}
     with gather:
         if is_main:
-            results = evaluate(engine.module, eval_tf, tokenizer, cfg.data.val, cfg.data.classes,
-                               cfg.eval.batch_size, cfg.eval.recall_at)
-            print("eval: " + format_results(results), flush=True)
+            results = task.evaluate(engine.module)
     engine.module.train()
     return results

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardSet, epoch_order, expand_shards,
-                                  make_train_loader, rank_batches)
+from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
+                                  batch_position, decode_image, epoch_length, epoch_order, expand_shards,
+                                  make_train_loader, parse_weights)
 from pipeline.data.shard_writer import ShardWriter
 from pipeline.models.clip import create_clip
 
@@ -17,21 +18,6 @@ def clip_parts():
     return train_tf, tokenizer
 
 
-def test_epoch_split_is_exact_and_balanced():
-    counts = np.array([90, 90, 90, 17, 90, 3, 90])  # uneven shards
-    total = counts.sum()
-    order = epoch_order(counts, seed=1, epoch=0, shuffle_block=64)
-    assert sorted(order.tolist()) == list(range(total))
-    assert not np.array_equal(order, epoch_order(counts, seed=1, epoch=1, shuffle_block=64))
-    np.testing.assert_array_equal(order, epoch_order(counts, seed=1, epoch=0, shuffle_block=64))
-    world, bs = 2, 16
-    per_rank = [rank_batches(order, r, world, bs) for r in range(world)]
-    assert per_rank[0].shape == per_rank[1].shape == (total // (world * bs), bs)
-    seen = np.concatenate([p.ravel() for p in per_rank])
-    assert len(set(seen.tolist())) == len(seen)  # no sample twice
-    assert total - len(seen) < world * bs  # only the documented remainder is dropped
-
-
 def _collect(dataset, n, workers):
     out = []
     for batch in make_train_loader(dataset, workers, pin_memory=False):
@@ -40,14 +26,64 @@ def _collect(dataset, n, workers):
             return out
 
 
+def _datasets(shards, world, bs, decoder=None, start=StreamPosition(), **spec):
+    return [ShardBatches(shards, LoaderSpec(bs, r, world, **spec), decoder, start) for r in range(world)]
+
+
+def test_epoch_split_is_exact_and_balanced():
+    counts = np.array([90, 90, 90, 17, 90, 3, 90])  # uneven shards
+    total = counts.sum()
+    order = epoch_order(counts, seed=1, epoch=0, shuffle_block=64)
+    assert sorted(order.tolist()) == list(range(total))
+    assert not np.array_equal(order, epoch_order(counts, seed=1, epoch=1, shuffle_block=64))
+    np.testing.assert_array_equal(order, epoch_order(counts, seed=1, epoch=0, shuffle_block=64))
+    world, bs = 2, 16
+    per_epoch = total // (world * bs)
+    seen = []
+    for k in range(per_epoch + 1):
+        pos = batch_position(StreamPosition(), k, total, world * bs)
+        assert pos == (StreamPosition(0, k * world * bs) if k < per_epoch else StreamPosition(1, 0))
+        if k < per_epoch:
+            seen += order[pos.offset:pos.offset + world * bs].tolist()
+    assert len(set(seen)) == len(seen) == per_epoch * world * bs  # no sample twice
+    assert total - len(seen) < world * bs  # only the documented remainder is dropped
+
+
+class _KeyDecoder:
+    """Decodes nothing but the caption: the sample accounting without image work."""
+
+    def sample(self, raw):
+        return {"txt": raw["txt"].decode()}
+
+    def collate(self, samples):
+        return {"txt": [s["txt"] for s in samples]}
+
+
+def test_uneven_shards_give_equal_steps_on_every_rank_and_worker_count(demo_data):
+    shards = ShardSet(expand_shards(demo_data["train"]))  # 7 shards: 6 x 90 + 1 x 20
+    assert sorted(shards.counts.tolist()) == [20] + [90] * 6
+    world, bs = 2, 16
+    datasets = _datasets(shards, world, bs, _KeyDecoder(), seed=5, shuffle_block=37)
+    per_epoch = shards.total // (world * bs)
+    streams = []
+    for ds in datasets:
+        batches = _collect(ds, per_epoch, workers=3)  # 3 loader workers per rank
+        assert len(batches) == per_epoch and all(len(b["keys"]) == bs for b in batches)
+        assert all(b["epoch"] == 0 for b in batches)
+        streams.append([k for b in batches for k in b["keys"]])
+    keys = streams[0] + streams[1]
+    assert len(set(keys)) == len(keys) == per_epoch * world * bs
+
+
 def test_stream_is_independent_of_workers_and_resumes_exactly(demo_data, clip_parts):
     train_tf, tokenizer = clip_parts
     shards = ShardSet(expand_shards(demo_data["train"]))
     spec = LoaderSpec(batch_size=16, rank=1, world_size=2, seed=3, shuffle_block=50)
     full = _collect(ImageTextBatches(shards, spec, train_tf, tokenizer), 22, workers=0)  # crosses an epoch (17/epoch)
-    assert [b["batch"] for b in full] == list(range(22)) and full[17]["epoch"] == 1
+    assert [b["index"] for b in full] == list(range(22)) and full[17]["epoch"] == 1 and full[16]["epoch"] == 0
     two_workers = _collect(ImageTextBatches(shards, spec, train_tf, tokenizer), 22, workers=2)
-    resumed = _collect(ImageTextBatches(shards, spec, train_tf, tokenizer, start_batch=13), 9, workers=2)
+    resume_at = StreamPosition.from_dict(full[12]["next"])
+    resumed = _collect(ImageTextBatches(shards, spec, train_tf, tokenizer, start=resume_at), 9, workers=2)
     for a, b in zip(full, two_workers):
         assert a["keys"] == b["keys"]
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["texts"], b["texts"])
@@ -55,6 +91,95 @@ def test_stream_is_independent_of_workers_and_resumes_exactly(demo_data, clip_pa
         assert a["keys"] == b["keys"] and torch.equal(a["images"], b["images"])
     epoch0 = [k for b in full[:17] for k in b["keys"]]
     assert len(set(epoch0)) == len(epoch0) == 17 * 16
+
+
+@pytest.mark.parametrize("new_world,new_bs", [(1, 16), (1, 24), (4, 8)])
+def test_elastic_resume_on_a_different_world_size_continues_the_epoch(demo_data, new_world, new_bs):
+    """2 ranks x 16 for 7 steps, then `new_world` ranks: the epoch's keys are all distinct, and together they are
+    the epoch except a tail shorter than one global batch."""
+    shards = ShardSet(expand_shards(demo_data["train"]))
+    before = _datasets(shards, 2, 16, _KeyDecoder(), seed=9, shuffle_block=64)
+    keys = [k for ds in before for b in (ds.make_batch(i) for i in range(7)) for k in b["keys"]]
+    resume_at = StreamPosition.from_dict(before[0].make_batch(6)["next"])
+    assert resume_at == StreamPosition(0, 7 * 32)
+    after = _datasets(shards, new_world, new_bs, _KeyDecoder(), start=resume_at, seed=9, shuffle_block=64)
+    k = 0
+    while True:
+        batches = [ds.make_batch(k) for ds in after]
+        if batches[0]["epoch"] != 0:
+            break
+        keys += [key for b in batches for key in b["keys"]]
+        k += 1
+    assert len(set(keys)) == len(keys)  # nothing repeated
+    epoch_keys = set(shards.read(int(i))[0] for i in epoch_order(shards.counts, 9, 0, 64))
+    assert set(keys) <= epoch_keys and len(epoch_keys) - len(keys) < new_world * new_bs  # only the tail is left
+
+
+def test_weighted_sources_mix_in_proportion(demo_data):
+    paths = expand_shards(demo_data["train"])
+    shards = ShardSet.from_sources([paths[:2], paths[2:]])
+    n_a = int(shards.counts[:2].sum())
+    n_b = shards.total - n_a
+    weights = parse_weights("2::0.5", 2)
+    order = epoch_order(shards.counts, 0, 0, 64, shards.sources, weights)
+    assert len(order) == epoch_length(shards.counts, shards.sources, weights) == 2 * n_a + round(n_b / 2)
+    from_a = order[order < n_a]
+    assert len(from_a) == 2 * n_a and np.all(np.bincount(from_a, minlength=n_a) == 2)  # every sample twice
+    from_b = order[order >= n_a]
+    assert len(from_b) == len(set(from_b.tolist())) == round(n_b / 2)  # half of b, no repeats
+    other_epoch = epoch_order(shards.counts, 0, 1, 64, shards.sources, weights)
+    assert set(from_b.tolist()) != set(other_epoch[other_epoch >= n_a].tolist())  # a different half each epoch
+    resampled = epoch_order(shards.counts, 0, 0, 64, shards.sources, (1.0, 1.0), resampled=True)
+    assert len(resampled) == shards.total and len(set(resampled.tolist())) < shards.total  # with replacement
+    draws = np.concatenate([epoch_order(shards.counts, 0, e, 64, shards.sources, (3.0, 1.0), resampled=True)
+                            for e in range(5)])
+    expected_a = 3 * n_a / (3 * n_a + n_b)
+    assert abs(np.mean(draws < n_a) - expected_a) < 0.03
+    for bad, msg in [("1", "1 weights for 2 sources"), ("a::1", "numbers separated"), ("0::0", "not all 0"),
+                     ("-1::1", ">= 0")]:
+        with pytest.raises(DataError, match=msg):
+            parse_weights(bad, 2)
+
+
+def test_pickled_members_are_never_unpickled(tmp_path, clip_parts):
+    """A .pyd/.pickle/.npy member whose unpickling would write a file: the loader reads the sample and never
+    unpickles, so the file is never written."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_FileWriter(str(marker)))
+    good = io.BytesIO()
+    Image.new("RGB", (32, 32), (0, 120, 10)).save(good, format="PNG")
+    with ShardWriter(tmp_path, prefix="evil", samples_per_shard=100) as w:
+        for i in range(4):
+            w.write(f"{i:03d}", {"png": good.getvalue(), "txt": "a green square", "pyd": payload,
+                                 "pickle": payload, "npy": payload})
+    shards = ShardSet(expand_shards(str(tmp_path / "evil-000000.tar")))
+    batch = ImageTextBatches(shards, LoaderSpec(batch_size=4), *clip_parts).make_batch(0)
+    assert len(batch["keys"]) == 4 and not batch["bad"]
+    assert not marker.exists()
+    pickle.loads(payload)  # the test's control: unpickling really would have written it
+    assert marker.exists()
+
+
+class _FileWriter:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_jpeg_draft_decodes_large_images_at_reduced_size_never_below_target():
+    big = io.BytesIO()
+    Image.effect_noise((1024, 768), 40).convert("RGB").save(big, format="JPEG", quality=90)
+    assert decode_image(big.getvalue()).size == (1024, 768)
+    assert decode_image(big.getvalue(), draft_size=224).size == (512, 384)  # 1/2: 1/4 would be below 224
+    assert decode_image(big.getvalue(), draft_size=96).size == (128, 96)  # 1/8
+    assert decode_image(big.getvalue(), draft_size=400).size == (1024, 768)  # less than 2x larger: untouched
+    png = io.BytesIO()
+    Image.new("RGB", (1024, 768)).save(png, format="PNG")
+    assert decode_image(png.getvalue(), draft_size=96).size == (1024, 768)  # draft is a JPEG-only path
 
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, clip_parts):

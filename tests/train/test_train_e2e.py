@@ -100,7 +100,8 @@ def _losses(out):
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(demo_data, tmp_path):
-    extra = {"train.steps": 8, "train.ckpt_every": 4, "train.eval_at_end": "false", "train.resume": "auto"}
+    extra = {"train.steps": 8, "train.ckpt_every": 4, "train.eval_at_end": "false", "train.resume": "auto",
+             "data.log_sample_keys": "true"}
     _train(demo_data, tmp_path / "a", **extra)
     reference = _losses(tmp_path / "a")
 
@@ -126,6 +127,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(demo_data, tmp_path):
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
     assert not (out / "checkpoints" / "step_00000006.partial").exists()
+    for rank in (0, 1):  # the sample keys of every step, before and after the resume, equal the reference's
+        assert _sample_keys(out, rank) == _sample_keys(tmp_path / "a", rank)
+        assert sorted(_sample_keys(out, rank)) == list(range(1, 9))
+
+
+def _sample_keys(out, rank):
+    lines = (out / "sample_keys" / f"rank_{rank:05d}.jsonl").read_text().splitlines()
+    return {r["step"]: r["keys"] for r in map(json.loads, lines)}
 
 
 def test_siglip_run_on_a_ring_exports_logit_bias(demo_data, tmp_path):

@@ -1,0 +1,38 @@
+"""What is trained: a task bundles the model DeepSpeed wraps, how samples are decoded, the loss of a batch and
+the evaluation. The training loop (pipeline/train/loop.py) is the same for every task.
+
+- `clip`: image-text contrastive (CLIP softmax or SigLIP sigmoid loss), pipeline/tasks/contrastive.py
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.data.loader import SampleDecoder
+
+
+class Task(Protocol):
+    model: torch.nn.Module  # what DeepSpeed wraps (every trainable parameter lives here)
+    decoder: SampleDecoder  # training samples -> batch tensors (runs in the loader workers)
+    flops_per_sample: float  # forward + backward model FLOPs, for TFLOP/s and MFU
+
+    def loss(self, engine, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, dict]:
+        """Forward through `engine` and the loss; the dict holds detached scalars for the metrics."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        """Evaluation of the (full, gathered) model on rank 0; {} when the config has no held-out data."""
+
+
+def check_task(cfg: RunConfig) -> None:
+    """The task-specific checks that can run before a process group starts."""
+    from pipeline.tasks import contrastive
+
+    {"clip": contrastive.check}[cfg.task](cfg)
+
+
+def build_task(cfg: RunConfig) -> Task:
+    from pipeline.tasks import contrastive
+
+    return {"clip": contrastive.ContrastiveTask}[cfg.task](cfg)
