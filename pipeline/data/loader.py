@@ -17,6 +17,9 @@ source contribute round(w x its size) samples per epoch (whole copies plus a see
 and w=2 doubles it). `resampled` mode draws every epoch with replacement instead, with per-sample probability
 proportional to its source's weight (open_clip's `--dataset-resampled`).
 
+`pipe:CMD` shards (object stores: `pipe:aws s3 cp s3://b/train-000001.tar -`) are fetched into a node-local cache
+with a stall timeout, so a stalled pipe fails with one line naming the command instead of hanging the job.
+
 Only allow-listed extensions are decoded (`pipeline.data.modalities` adds audio/depth/...); nothing from a
 shard is ever unpickled.
 """
@@ -35,6 +38,7 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.remote import PipeSource, is_pipe, resolve_sources
 from pipeline.data.shard_index import ShardMembers, load_or_build_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -53,21 +57,44 @@ class BadSample(Exception):
 
 
 # ----------------------------------------------------------------------------------------------- sources
-def expand_sources(spec: str, key: str = "data") -> list[list[str]]:
-    """'a/{000..009}.tar::b/x.tar' -> one list of local paths per '::'-separated source."""
+@dataclass
+class FetchSpec:
+    """Where and how `pipe:` shards are fetched (pipeline/data/remote.py)."""
+    cache_dir: str
+    timeout_s: float
+    stall_timeout_s: float
+    prefetch: int = 4
+
+
+def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None) -> list[list[str]]:
+    """'a/{000..009}.tar::b/x.tar' -> one list of local paths per '::'-separated source.
+
+    `pipe:CMD` shards are fetched into `fetch.cache_dir` (with a stall timeout) and replaced by their cached
+    paths; without `fetch` they are only checked for syntax (so validation never downloads)."""
     if not spec:
         raise DataError(f"{key} is empty; give a shard pattern such as 'data/train-{{000000..000009}}.tar'")
-    sources = [[p.removeprefix("file:") for p in braceexpand(part.strip())] for part in spec.split("::")]
+    sources = [[p if is_pipe(p) else p.removeprefix("file:") for p in braceexpand(part.strip())]
+               for part in spec.split("::")]
     paths = [p for source in sources for p in source]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    if any(is_pipe(p) for p in paths):
+        if fetch is None:
+            for p in paths:
+                if is_pipe(p):
+                    PipeSource(p)
+        else:
+            fetched = iter(resolve_sources(paths, fetch.cache_dir, fetch.timeout_s, fetch.stall_timeout_s,
+                                           fetch.prefetch))
+            sources = [[next(fetched) for _ in source] for source in sources]
+            paths = [p for source in sources for p in source]
+    missing = [p for p in paths if not is_pipe(p) and not os.path.isfile(p)]
     if missing:
         raise DataError(f"{key}: {len(missing)} of {len(paths)} shards not found (first: {missing[0]})")
     return sources
 
 
-def expand_shards(spec: str, key: str = "data") -> list[str]:
+def expand_shards(spec: str, key: str = "data", fetch: FetchSpec | None = None) -> list[str]:
     """All shards of `spec` as one list of local paths; fails naming `key` if any is missing."""
-    return [p for source in expand_sources(spec, key) for p in source]
+    return [p for source in expand_sources(spec, key, fetch) for p in source]
 
 
 def parse_weights(text: str, num_sources: int, key: str = "data.train_weights") -> tuple[float, ...] | None:

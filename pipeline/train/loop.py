@@ -7,6 +7,7 @@ model and loss (e.g. pipeline/tasks/contrastive.py) -> DeepSpeed step (pipeline/
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -18,13 +19,24 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict, to_yaml
-from pipeline.data.loader import (DataError, LoaderSpec, ShardBatches, ShardSet, StreamPosition, epoch_length,
-                                  expand_sources, make_train_loader, parse_weights)
+from pipeline.data.loader import (DataError, FetchSpec, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
+                                  epoch_length, expand_sources, make_train_loader, parse_weights)
 from pipeline.tasks import build_task, check_task
 from pipeline.train.checkpoint import find_checkpoint, load_checkpoint, remove_partials, save_checkpoint
 from pipeline.train.distributed import DistEnv, init_process_group
 from pipeline.train.engine import build_engine
 from pipeline.train.metrics import MetricsLog
+from pipeline.train.preemption import PREEMPTION_EXIT_CODE, PreemptionFlag
+
+
+PREEMPTED_MARKER = "PREEMPTED"  # written to out_dir by rank 0 when a run stops on a signal
+
+
+class Preempted(SystemExit):
+    """The run stopped on a scheduler's signal after writing a checkpoint; the process exits with code 75."""
+
+    def __init__(self):
+        super().__init__(PREEMPTION_EXIT_CODE)
 
 
 def validate_run(cfg: RunConfig, world_size: int) -> None:
@@ -40,6 +52,12 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
             find_checkpoint(Path(cfg.train.out_dir) / "checkpoints", resume)
         except FileNotFoundError as e:
             raise ConfigError(f"train.resume: {e}") from None
+
+
+def fetch_spec(cfg: RunConfig) -> FetchSpec:
+    d = cfg.data
+    cache = d.cache_dir or os.environ.get("PIPELINE_SHARD_CACHE") or str(Path.home() / ".cache/pipeline/shards")
+    return FetchSpec(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch)
 
 
 def _seed_everything(seed: int) -> None:
@@ -81,6 +99,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         remove_partials(ckpt_root)
+        (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (out_dir / "config.yaml").write_text(config_yaml)
     dist.barrier()
 
@@ -88,7 +107,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     task = build_task(cfg)
     engine, _ = build_engine(task.model, cfg, env.world_size)
 
-    sources = expand_sources(cfg.data.train, "data.train")
+    sources = expand_sources(cfg.data.train, "data.train", fetch_spec(cfg))
     shards = ShardSet.from_sources(sources)
     spec = LoaderSpec(t.batch_size, env.rank, env.world_size, t.seed, cfg.data.shuffle_block,
                       parse_weights(cfg.data.train_weights, len(sources)), cfg.data.resampled)
@@ -124,6 +143,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
 
     step, k = start_step, 0
     loss_sum = torch.zeros((), device=device)
+    preemption = PreemptionFlag()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75 (requeue)
     while step < t.steps:
         step_keys = []
         for _ in range(t.grad_accum):
@@ -171,9 +191,22 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
         if metrics:
             metrics.advance()
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps:
+        preempted = preemption.requested(device if use_cuda else None)  # collective: all ranks stop together
+        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted:
             save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last)
             window_start = time.perf_counter()  # checkpoint time is not training throughput
+        if preempted and step < t.steps:
+            if is_main:  # the marker tells a parent launcher (whose own exit code is torchrun's) what happened
+                (out_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+                print(f"preempted by a signal: checkpoint step {step} written; exiting with "
+                      f"{PREEMPTION_EXIT_CODE} to be requeued", flush=True)
+            if metrics:
+                metrics.close()
+            if keys_log:
+                keys_log.close()
+            dist.barrier()
+            raise Preempted()
+    preemption.restore()
 
     if metrics:
         metrics.close()

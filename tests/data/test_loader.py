@@ -1,4 +1,5 @@
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,8 +7,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
-                                  batch_position, decode_image, epoch_length, epoch_order, expand_shards,
-                                  make_train_loader, parse_weights)
+                                  FetchSpec, batch_position, decode_image, epoch_length, epoch_order,
+                                  expand_shards, expand_sources, make_train_loader, parse_weights)
 from pipeline.data.shard_writer import ShardWriter
 from pipeline.models.clip import create_clip
 
@@ -211,3 +212,16 @@ def test_missing_and_too_small_data_is_a_clear_error(demo_data, clip_parts):
     shards = ShardSet(expand_shards(demo_data["val"]))
     with pytest.raises(DataError, match="fewer than one global batch"):
         ImageTextBatches(shards, LoaderSpec(batch_size=64, world_size=2), *clip_parts)
+
+
+def test_pipe_sources_are_fetched_and_mixed_with_local_ones(demo_data, tmp_path):
+    local = expand_shards(demo_data["train"])
+    spec = f"pipe:cat {local[0]}::{local[1]}"
+    assert expand_sources(spec) == [[f"pipe:cat {local[0]}"], [local[1]]]  # validation does not fetch
+    fetched = expand_sources(spec, fetch=FetchSpec(str(tmp_path / "cache"), 60, 10))
+    assert fetched[1] == [local[1]] and Path(fetched[0][0]).parent == tmp_path / "cache"
+    shards = ShardSet.from_sources(fetched)
+    assert shards.counts.tolist() == ShardSet(local[:2]).counts.tolist()
+    assert shards.read(0) == ShardSet(local[:1]).read(0)
+    with pytest.raises(DataError, match="pipe:sleep 5; cat x: no data for 1s"):
+        expand_sources("pipe:sleep 5; cat x", fetch=FetchSpec(str(tmp_path / "cache"), 60, 1))

@@ -1,0 +1,325 @@
+"""`pipe:CMD` shard sources: the shell command's stdout is the tar, fetched into a local cache with timeouts.
+
+WebDataset streams `pipe:` shards straight into the decoder, and a stalled command (a hung `aws s3 cp`, a
+`curl` waiting on a dead connection) blocks the job forever. Our loader reads samples by offset through the
+per-shard index, so it needs the tar as a local file anyway: each `pipe:` shard is copied once into a cache
+directory, under a name derived from the command, and read from there.
+
+A fetch runs the command with the shell in its own process group, copies its stdout into `<name>.<id>.tmp`
+and renames it to `<name>` only when the command exited 0 and the bytes are a readable tar. It fails with one
+line naming the command (and killing the whole process group) when no byte arrives for `stall_timeout_s`,
+when the whole fetch takes longer than `timeout_s`, or when the command exits non-zero (the last line of its
+stderr is quoted). Whatever happens, no temporary file and no process of the command is left behind.
+
+The index comes with the shard where the command can address it: the command with the shard's `.tar` token
+changed to `.index.parquet` (`pipe:aws s3 cp s3://b/train-000001.tar -` -> `... s3://b/train-000001.index.parquet -`).
+When that command fails, or gives an index that does not fit the tar, the index is built from the fetched tar
+(headers only). The index is in place before the tar gets its final name, so a cached tar always has one.
+
+Several processes (the ranks of a node) may share a cache directory: a lock file per shard makes one of them
+fetch while the others wait for it, then use its copy.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import select
+import shlex
+import signal
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipeline.data.shard_index import INDEX_SCHEMA, index_path, scan_tar
+
+PIPE_PREFIX = "pipe:"
+CHUNK = 1 << 20
+DEFAULT_TIMEOUT_S = 3600.0  # whole fetch of one shard
+DEFAULT_STALL_TIMEOUT_S = 120.0  # no byte at all for this long
+DEFAULT_PREFETCH = 4  # shards fetched at once
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _data_error(message: str) -> Exception:
+    # Imported here, not at the top: pipeline.data.loader may import this module.
+    from pipeline.data.loader import DataError
+
+    return DataError(message)
+
+
+def is_pipe(url: str) -> bool:
+    return url.startswith(PIPE_PREFIX)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class PipeSource:
+    """One `pipe:CMD` shard."""
+    url: str
+
+    def __post_init__(self):
+        if not is_pipe(self.url) or not self.command:
+            raise _data_error(f"not a pipe: source (expected 'pipe:COMMAND'): {self.url!r}")
+
+    @property
+    def command(self) -> str:
+        return self.url[len(PIPE_PREFIX):].strip()
+
+    @property
+    def shard_token(self) -> str | None:
+        """The last word of the command that names a `.tar` (query strings allowed), e.g. the S3 or HTTP URL."""
+        try:
+            words = shlex.split(self.command)
+        except ValueError:  # unbalanced quotes: the shell will say so when it runs
+            words = self.command.split()
+        hits = [w for w in words if w.split("?", 1)[0].endswith(".tar")]
+        return hits[-1] if hits else None
+
+    @property
+    def cache_name(self) -> str:
+        """`<sha1 of the command, 16 hex>-<basename of the shard token>`, always ending in `.tar`."""
+        digest = hashlib.sha1(self.command.encode("utf-8")).hexdigest()[:16]
+        token = self.shard_token
+        base = _SAFE.sub("_", token.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]) if token else "shard.tar"
+        return f"{digest}-{base}"
+
+    @property
+    def index_command(self) -> str | None:
+        """The command with the shard token's `.tar` replaced by `.index.parquet`; None if there is no such token."""
+        token = self.shard_token
+        if token is None:
+            return None
+        path, q, query = token.partition("?")
+        new_token = path.removesuffix(".tar") + ".index.parquet" + q + query
+        at = self.command.rfind(token)
+        if at < 0:  # the token is written with quotes or escapes in the command; leave it alone
+            return None
+        return self.command[:at] + new_token + self.command[at + len(token):]
+
+    def cached_path(self, cache_dir: str | Path) -> Path:
+        return Path(cache_dir) / self.cache_name
+
+
+# ---------------------------------------------------------------------------------------------- running a command
+
+def _write(out, data: bytes) -> None:
+    out.write(data)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the command's whole process group. Called only while `proc` is not yet reaped, so the
+    group id cannot have been reused."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` (our child) has exited, without reaping it."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout_s: float | None,
+                cancel: threading.Event | None = None) -> None:
+    """Runs `command` with the shell in a new process group and copies its stdout to `dest` (created).
+    Raises DataError (one line, naming the command) on a stall, the total timeout, a non-zero exit or
+    `cancel`; kills the whole process group on any failure and after success (stray background children)."""
+    shown = _one_line(f"{PIPE_PREFIX}{command}")
+    start = time.monotonic()
+    deadline = start + timeout_s if timeout_s else float("inf")
+    stall = stall_timeout_s if stall_timeout_s else float("inf")
+    with tempfile.TemporaryFile() as errf, open(dest, "wb") as out:
+        proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=errf, start_new_session=True)
+        reaped = False
+        try:
+            fd = proc.stdout.fileno()
+            last_data = time.monotonic()
+            total = 0
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise _data_error(f"{shown}: took longer than {timeout_s:g}s ({total} bytes so far); killed")
+                if now - last_data >= stall:
+                    raise _data_error(f"{shown}: no data for {stall_timeout_s:g}s ({total} bytes so far); killed")
+                if cancel is not None and cancel.is_set():
+                    raise _data_error(f"{shown}: cancelled (another shard failed)")
+                wait = min(deadline - now, last_data + stall - now, 0.25)
+                ready, _, _ = select.select([fd], [], [], max(wait, 0.0))
+                if not ready:
+                    continue
+                data = os.read(fd, CHUNK)
+                if not data:
+                    break
+                _write(out, data)
+                total += len(data)
+                last_data = time.monotonic()
+            # stdout closed: give the command the rest of the time to exit
+            while not _exited(proc.pid):
+                if time.monotonic() >= deadline:
+                    raise _data_error(f"{shown}: took longer than {timeout_s:g}s (output ended, the command did "
+                                      f"not exit); killed")
+                time.sleep(0.01)
+            _kill_group(proc)  # background children it may have left; the group id is still ours (not reaped)
+            rc = proc.wait()
+            reaped = True
+            if rc != 0:
+                errf.seek(0)
+                lines = [ln for ln in errf.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+                detail = f": {_one_line(lines[-1], 200)}" if lines else ""
+                raise _data_error(f"{shown}: exited with status {rc}{detail}")
+            out.flush()
+            os.fsync(out.fileno())
+        finally:
+            if not reaped:
+                _kill_group(proc)
+                proc.wait()
+            proc.stdout.close()
+
+
+# ---------------------------------------------------------------------------------------------- fetching a shard
+
+def _index_fits(table, tar: Path) -> bool:
+    """Whether an index fetched from elsewhere describes this tar: every member inside the file, and the tar
+    header just before the first and the last sample's first member carries that member's name."""
+    if table.num_rows == 0:
+        return False
+    size = tar.stat().st_size
+    keys, members = table.column("key").to_pylist(), table.column("members").to_pylist()
+    if not all(ms for ms in members) or max(m["offset"] + m["size"] for ms in members for m in ms) > size:
+        return False
+    with open(tar, "rb") as f:
+        for row in {0, len(keys) - 1}:
+            first = members[row][0]
+            if first["offset"] < 512:
+                return False
+            f.seek(first["offset"] - 512)
+            header_name = f.read(100).split(b"\0", 1)[0].decode("utf-8", "replace")
+            # ustar keeps at most 100 bytes of the name (the full one is in a PAX / GNU record before it)
+            if not header_name or not f"{keys[row]}.{first['ext']}".startswith(header_name[:90]):
+                return False
+    return True
+
+
+def _fetch_index(src: PipeSource, tmp_tar: Path, tmp_index: Path, timeout_s, stall_timeout_s, cancel):
+    """The index of the fetched tar: the remote one if it can be fetched and fits, else built from the tar."""
+    command = src.index_command
+    if command is not None:
+        try:
+            run_to_file(command, tmp_index, timeout_s, stall_timeout_s, cancel)
+            table = pq.read_table(tmp_index, schema=INDEX_SCHEMA)
+            if _index_fits(table, tmp_tar):
+                return table
+        except Exception:  # noqa: BLE001 - no usable remote index: build it (cancellation is re-checked below)
+            pass
+        if cancel is not None and cancel.is_set():
+            raise _data_error(f"{_one_line(src.url)}: cancelled (another shard failed)")
+    try:
+        table = scan_tar(tmp_tar)
+    except (tarfile.TarError, EOFError, OSError) as e:
+        reason = _one_line(str(e), 120)
+        raise _data_error(f"{_one_line(src.url)}: its output is not a readable tar ({reason})") from None
+    if table.num_rows == 0:
+        raise _data_error(f"{_one_line(src.url)}: its output has no samples (an empty or non-WebDataset tar)")
+    pq.write_table(table, tmp_index)
+    return table
+
+
+def _lock(lock_path: Path, shown: str, wait_s: float | None, cancel: threading.Event | None) -> int:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s if wait_s else float("inf")
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline or (cancel is not None and cancel.is_set()):
+                os.close(fd)
+                raise _data_error(f"{shown}: another process has been fetching it for over {wait_s:g}s "
+                                  f"(lock {lock_path})") from None
+            time.sleep(0.1)
+
+
+def fetch_pipe(url: str, cache_dir: str | Path, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+               stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S,
+               cancel: threading.Event | None = None) -> Path:
+    """The local path of the `pipe:` shard `url`, fetched into `cache_dir` (with its index beside it) unless
+    it is there already. Timeouts of 0 or None are off. Raises DataError with a one-line message."""
+    src = PipeSource(url)
+    cache_dir = Path(cache_dir)
+    final = src.cached_path(cache_dir)
+    if final.is_file():
+        return final
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _data_error(f"cannot create the shard cache directory {cache_dir}: {e.strerror}") from None
+    shown = _one_line(url)
+    lock_wait = (timeout_s * 2 + 60) if timeout_s else None  # the holder fetches tar + index under its timeouts
+    lock_fd = _lock(cache_dir / f".{final.name}.lock", shown, lock_wait, cancel)
+    try:
+        if final.is_file():  # another process fetched it while we waited
+            return final
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp_tar = final.with_name(f"{final.name}.{tag}.tmp")
+        tmp_index = final.with_name(f"{index_path(final).name}.{tag}.tmp")
+        try:
+            run_to_file(src.command, tmp_tar, timeout_s, stall_timeout_s, cancel)
+            if tmp_tar.stat().st_size == 0:
+                raise _data_error(f"{shown}: the command wrote nothing to stdout")
+            _fetch_index(src, tmp_tar, tmp_index, timeout_s, stall_timeout_s, cancel)
+            # the index is written after the tar, so its mtime is not older (load_or_build_index checks that);
+            # it gets its final name first, so a tar under its final name always has its index
+            now = time.time()
+            os.utime(tmp_index, (now, max(now, tmp_tar.stat().st_mtime)))
+            os.replace(tmp_index, index_path(final))
+            os.replace(tmp_tar, final)
+        finally:
+            tmp_tar.unlink(missing_ok=True)
+            tmp_index.unlink(missing_ok=True)
+        return final
+    finally:
+        os.close(lock_fd)  # releases the lock
+
+
+def resolve_sources(paths: list[str], cache_dir: str | Path, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                    stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S,
+                    prefetch: int = DEFAULT_PREFETCH) -> list[str]:
+    """`paths` (expanded; local paths, `file:` paths and `pipe:` commands) as local paths, in the same order.
+    `pipe:` shards are fetched `prefetch` at a time; the first failure cancels the rest and is raised."""
+    out = [p.removeprefix("file:") for p in paths]
+    pipes = list(dict.fromkeys(p for p in paths if is_pipe(p)))
+    if not pipes:
+        return out
+    if cache_dir in (None, ""):
+        raise _data_error("the data has pipe: shards but no cache directory is set for them")
+    cancel = threading.Event()
+    fetched: dict[str, Path] = {}
+    pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="pipe-fetch")
+    try:
+        futures = {pool.submit(fetch_pipe, url, cache_dir, timeout_s, stall_timeout_s, cancel): url
+                   for url in pipes}  # submitted in order, so shards are fetched in order
+        for future in as_completed(futures):
+            fetched[futures[future]] = future.result()
+    finally:  # on an error (or Ctrl-C) the fetches still running stop within a fraction of a second
+        cancel.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+    return [str(fetched[p]) if is_pipe(p) else o for p, o in zip(paths, out)]
