@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,19 +37,28 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's accelerator probing and its warning
-    return subprocess.call(cmd, env=env)
+    child = subprocess.Popen(cmd, env=env)
+    # A scheduler's notice to this process is passed on as SIGTERM, which torchrun forwards to the ranks (they
+    # checkpoint and exit 75); torchrun itself would die on SIGUSR1
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda _signum, _frame: child.send_signal(signal.SIGTERM))
+    return child.wait()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train.distributed import read_dist_env
-    from pipeline.train.loop import run_training, validate_run
+    from pipeline.train.loop import PREEMPTED_MARKER, run_training, validate_run
+    from pipeline.train.preemption import PREEMPTION_EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
     env = read_dist_env()
     if not env.launched and args.nproc_per_node > 1:
         validate_run(cfg, args.nproc_per_node)  # fail here, before any process starts
-        return _torchrun(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])
+        rc = _torchrun(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])
+        if rc and (Path(cfg.train.out_dir) / PREEMPTED_MARKER).is_file():
+            return PREEMPTION_EXIT_CODE  # torchrun reports any worker exit as 1; the ranks exited 75
+        return rc
     run_training(cfg, env)
     return 0
 
@@ -98,6 +108,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export_open_clip(_checkpoint(args.checkpoint), args.out)
     print(f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'))")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.plan import format_plan, gpus_from_args, plan_run
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        gpus = gpus_from_args(args.gpus, args.nodes, args.gpus_per_node)
+        plan = plan_run(cfg, gpus, gpu_mem_gb=args.gpu_mem_gb, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                        overhead_gb=args.overhead_gb, fused_attention=not args.unfused_attention)
+    except ValueError as e:
+        if type(e) is not ValueError:  # ConfigError / ModelNameError: main() prints them
+            raise
+        raise UserError(str(e)) from None
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 
 
@@ -172,8 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo/clip_tiny.yaml")
     t.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
                    help="when not started by a launcher: start this many local ranks with torchrun")
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the
+    # DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and is what is read
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser("plan", help="memory per GPU at ZeRO 0-3 and step time of a config on N GPUs (no GPU needed)",
+                        description="Estimate, per GPU: parameters, gradients and AdamW states at ZeRO 0-3, "
+                        "activations with and without activation checkpointing at the config's batch, FLOPs per "
+                        "sample and the step time at a given MFU. The formulas are in pipeline/plan.py.")
+    pl.add_argument("--config", required=True, help="YAML run config, e.g. configs/clip/vit_h14.yaml")
+    pl.add_argument("--gpus", type=int, default=None, help="data-parallel ranks (GPUs) in all")
+    pl.add_argument("--nodes", type=int, default=None, help="nodes (instead of --gpus; with --gpus-per-node)")
+    pl.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node with --nodes (default 8)")
+    pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
+    pl.add_argument("--peak-tflops", type=float, default=989.0,
+                    help="peak dense TFLOP/s per GPU at the run's precision (default 989: H100 SXM bf16)")
+    pl.add_argument("--overhead-gb", type=float, default=4.0,
+                    help="fixed GiB per GPU for CUDA context, communication buffers and fragmentation (default 4)")
+    pl.add_argument("--unfused-attention", action="store_true",
+                    help="count the attention probabilities (s^2 per head) as kept activations")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.grad_accum=2")
+    pl.set_defaults(func=cmd_plan)
 
     e = sub.add_parser("eval", help="zero-shot classification and retrieval recall@k on held-out shards")
     e.add_argument("--model", required=True, help="open_clip export dir, checkpoint dir or run dir")

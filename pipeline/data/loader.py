@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
@@ -407,9 +408,17 @@ def ImageTextBatches(shards: ShardSet, spec: LoaderSpec, transform: Callable, to
     return ShardBatches(shards, spec, ImageTextDecoder(transform, tokenizer, draft_size), start)
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # A scheduler signals every process of the job: the workers must outlive the step in flight, which the
+    # main process finishes and checkpoints before it exits (and takes its workers with it)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def make_train_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      worker_init_fn=_ignore_stop_signals if workers else None)
 
 
 def iterate_eval_samples(shards: ShardSet, transform: Callable, batch_size: int,

@@ -99,37 +99,81 @@ def _losses(out):
     return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl")}
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(demo_data, tmp_path):
-    extra = {"train.steps": 8, "train.ckpt_every": 4, "train.eval_at_end": "false", "train.resume": "auto",
-             "data.log_sample_keys": "true"}
-    _train(demo_data, tmp_path / "a", **extra)
-    reference = _losses(tmp_path / "a")
+RESUME_EXTRA = {"train.steps": 8, "train.ckpt_every": 4, "train.eval_at_end": "false", "train.resume": "auto",
+                "data.log_sample_keys": "true"}
 
-    out = tmp_path / "b"
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_data, tmp_path_factory):
+    """An 8-step run that the interrupted ones below must reproduce."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _train(demo_data, out, **RESUME_EXTRA)
+    return out
+
+
+def _start_training(demo_data, out, **extra):
     cmd = [sys.executable, "-m", "pipeline", "train", "--config", str(DEMO_CONFIG), "--nproc-per-node", "2",
            *train_overrides(demo_data, out, **extra)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
+    return subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill after the step-4 checkpoint, mid-way to the next one
-        if (out / "metrics.jsonl").is_file() and max(_losses(out), default=0) >= 5:
-            break
+
+
+def _wait_for_step(proc, out, step, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").is_file() and max(_losses(out), default=0) >= step:
+            return
         time.sleep(0.2)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(demo_data, tmp_path, uninterrupted):
+    reference = _losses(uninterrupted)
+    out = tmp_path / "b"
+    proc = _start_training(demo_data, out, **RESUME_EXTRA)
+    _wait_for_step(proc, out, 5)  # kill after the step-4 checkpoint, mid-way to the next one
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (out / "checkpoints" / "latest").read_text() == "step_00000004"
     assert not (out / "checkpoints" / "step_00000008").exists()
     (out / "checkpoints" / "step_00000006.partial").mkdir()  # as if killed while writing a checkpoint
 
-    _train(demo_data, out, **extra)
+    _train(demo_data, out, **RESUME_EXTRA)
     resumed = _losses(out)
     assert sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
     assert not (out / "checkpoints" / "step_00000006.partial").exists()
     for rank in (0, 1):  # the sample keys of every step, before and after the resume, equal the reference's
-        assert _sample_keys(out, rank) == _sample_keys(tmp_path / "a", rank)
+        assert _sample_keys(out, rank) == _sample_keys(uninterrupted, rank)
         assert sorted(_sample_keys(out, rank)) == list(range(1, 9))
+
+
+def test_sigterm_to_one_rank_checkpoints_exits_for_requeue_and_resumes(demo_data, tmp_path, uninterrupted):
+    import psutil
+
+    reference = _losses(uninterrupted)
+    out = tmp_path / "p"
+    proc = _start_training(demo_data, out, **{**RESUME_EXTRA, "train.ckpt_every": 100})
+    _wait_for_step(proc, out, 2)
+    processes = psutil.Process(proc.pid).children(recursive=True)
+    ranks = {p.environ()["RANK"]: p for p in processes if "RANK" in p.environ() and p.name() != "pt_data_worker"}
+    assert set(ranks) == {"0", "1"}
+    for p in processes:  # as a scheduler's notice reaching every process of one rank, its loader workers too
+        if p.environ().get("RANK") == "1":
+            p.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=180) == 75  # EX_TEMPFAIL: the sbatch scripts requeue on it
+    stopped_at = int((out / "PREEMPTED").read_text())
+    assert 2 <= stopped_at < 8
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks.values())
+
+    _train(demo_data, out, **RESUME_EXTRA)  # the requeued job
+    resumed = _losses(out)
+    assert sorted(resumed) == list(range(1, 9)) and not (out / "PREEMPTED").exists()
+    for step in range(1, 9):
+        assert resumed[step] == pytest.approx(reference[step], abs=1e-5), step
+    assert _sample_keys(out, 0) == _sample_keys(uninterrupted, 0)
 
 
 def _sample_keys(out, rank):
