@@ -67,11 +67,11 @@ def _load_for_eval(path: str):
     """(model, eval_transform, tokenizer) from an open_clip directory, a checkpoint or a run directory."""
     import open_clip
 
-    from pipeline.export import load_model_from_checkpoint
+    from pipeline.export import load_model_from_checkpoint, open_clip_export_kwargs
 
     p = Path(path)
     if (p / "open_clip_config.json").is_file():
-        model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{p}")
+        model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{p}", **open_clip_export_kwargs(p))
         return model, eval_tf, open_clip.get_tokenizer(f"local-dir:{p}")
     model, _, eval_tf, tokenizer, _ = load_model_from_checkpoint(_checkpoint(path))
     return model, eval_tf, tokenizer
@@ -104,10 +104,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_open_clip
+    from pipeline.export import export_open_clip, open_clip_export_kwargs
 
     out = export_open_clip(_checkpoint(args.checkpoint), args.out)
-    print(f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'))")
+    print(f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'"
+          f"{''.join(f', {k}={v!r}' for k, v in open_clip_export_kwargs(out).items())}))")
     return 0
 
 

@@ -16,7 +16,7 @@ def run_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2, 
 
     from pipeline.data.demo_dataset import write_demo_dataset
     from pipeline.eval.zero_shot import evaluate, format_results
-    from pipeline.export import export_open_clip
+    from pipeline.export import export_open_clip, open_clip_export_kwargs
 
     t0 = time.time()
     print(f"[demo] writing the demo dataset to {out / 'data'}", flush=True)
@@ -34,7 +34,8 @@ def run_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2, 
 
     export_dir = export_open_clip(out, out / "export")
     print(f"[demo] exported to {export_dir}; reloading it with open_clip alone", flush=True)
-    model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{export_dir}")
+    model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{export_dir}",
+                                                         **open_clip_export_kwargs(export_dir))
     tokenizer = open_clip.get_tokenizer(f"local-dir:{export_dir}")
     results = evaluate(model, eval_tf, tokenizer, paths["val"], paths["classes"])
     (out / "export_eval.json").write_text(json.dumps(results, indent=2))

@@ -1,6 +1,8 @@
 """DeepSpeed checkpoint (any ZeRO stage) -> open_clip directory: open_clip_config.json + open_clip_model.safetensors.
 
-`open_clip.create_model_and_transforms("local-dir:<dir>")` loads the result with no code of ours.
+`open_clip.create_model_and_transforms("local-dir:<dir>")` loads the result with no code of ours (a SwinV2 tower at
+another image size than its timm architecture's also needs `force_image_size`, recorded in the config's
+"pipeline" entry). A SwinV2 image trunk is also written as a timm directory, `<dir>/timm_image_trunk/`.
 """
 from __future__ import annotations
 
@@ -48,11 +50,20 @@ def clamp_logit_scale(state: dict, logit_scale_max: float) -> None:
         state["logit_scale"] = state["logit_scale"].clamp(max=math.log(logit_scale_max))
 
 
+def open_clip_export_kwargs(export_dir: str | Path) -> dict:
+    """What `open_clip.create_model_and_transforms(f"local-dir:{export_dir}", **kwargs)` needs besides the
+    directory: {} for most models, {"force_image_size": N} for a SwinV2 tower run at another size than its timm
+    architecture's (open_clip does not pass image_size to timm)."""
+    cfg = json.loads((Path(export_dir) / "open_clip_config.json").read_text())
+    return dict(cfg.get("pipeline", {}).get("open_clip_kwargs", {}))
+
+
 def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
     import open_clip
 
-    from pipeline.models.clip import loss_init
+    from pipeline.export_timm import export_clip_image_trunk
+    from pipeline.models.clip import loss_init, open_clip_load_kwargs
 
     ckpt = resolve_checkpoint(checkpoint)
     model, _, _, _, cfg = load_model_from_checkpoint(ckpt)
@@ -68,8 +79,10 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
     save_file(state, str(tmp / "open_clip_model.safetensors"))
     (tmp / "open_clip_config.json").write_text(json.dumps({
         "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
-        "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1])},
+        "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1]),
+                     **({"open_clip_kwargs": kw} if (kw := open_clip_load_kwargs(model)) else {})},
     }, indent=2))
+    export_clip_image_trunk(model, tmp / "timm_image_trunk")  # SwinV2 trunks only; None (nothing) otherwise
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -1,6 +1,9 @@
 """CLIP models from open_clip model configs: open_clip's built-in names plus our configs/model/*.json.
 
 The model is open_clip's own class, so its state dict is open_clip's and export needs no key mapping.
+A config whose image tower is a timm SwinV2 (`vision_cfg.timm_model_name: swinv2_*`) gets our SwinV2
+(pipeline/models/swinv2.py, attention through kernels.window_attention) in place of timm's trunk: same
+parameter names and values, so the state dict, and the exported directory, are still plain open_clip + timm.
 """
 from __future__ import annotations
 
@@ -43,9 +46,59 @@ def create_clip(name: str, activation_checkpointing: bool = False, loss_name: st
     check_model_name(name)
     model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True,
                                                                      **loss_init(loss_name))
+    swap_swinv2_trunk(model)
     if activation_checkpointing:
         model.set_grad_checkpointing(True)
     return model, train_tf, eval_tf, open_clip.get_tokenizer(name)
+
+
+def swinv2_trunk_name(model: torch.nn.Module) -> str | None:
+    """timm's model name of the CLIP model's image trunk if it is a SwinV2 (timm's or ours), else None."""
+    trunk = getattr(getattr(model, "visual", None), "trunk", None)
+    arch = (getattr(trunk, "pretrained_cfg", None) or {}).get("architecture", "") if trunk is not None else ""
+    return arch if arch.startswith("swinv2_") else None
+
+
+def swap_swinv2_trunk(model: torch.nn.Module) -> bool:
+    """Replaces open_clip's timm SwinV2 trunk (`model.visual.trunk`) by ours, with the same weights.
+
+    Our trunk keeps the timm trunk's head (num_classes, global_pool: open_clip resets it to 0 / pool) and
+    stochastic depth, and runs at the tower's `image_size` (open_clip's TimmModel records it but builds the timm
+    model at the architecture's own size): when they differ, the windows follow timm's `set_input_size` rule,
+    i.e. what `open_clip.create_model_and_transforms(..., force_image_size=image_size)` does to a timm trunk, so
+    the export loads in plain open_clip + timm with that argument. Returns whether a trunk was replaced."""
+    from pipeline.models.swinv2 import SwinTransformerV2, create_swinv2
+
+    arch = swinv2_trunk_name(model)
+    old = model.visual.trunk if arch else None
+    if old is None or isinstance(old, SwinTransformerV2):
+        return False
+    drop_path = round(float(getattr(old.layers[-1].blocks[-1].drop_path1, "drop_prob", 0.0)), 6)
+    new = create_swinv2(arch, num_classes=old.num_classes, global_pool=old.global_pool, drop_path_rate=drop_path)
+    param = next(old.parameters())
+    new.to(device=param.device, dtype=param.dtype)
+    new.load_state_dict(old.state_dict(), strict=True)
+    image_size = tuple(model.visual.image_size)
+    if image_size != tuple(new.patch_embed.img_size):
+        new.set_input_size(img_size=image_size)
+    model.visual.trunk = new
+    return True
+
+
+def open_clip_load_kwargs(model: torch.nn.Module) -> dict:
+    """Arguments plain `open_clip.create_model_and_transforms('local-dir:...')` needs to rebuild this model:
+    a SwinV2 tower at another size than its timm architecture needs force_image_size (open_clip does not pass
+    image_size to timm)."""
+    arch = swinv2_trunk_name(model)
+    if arch is None:
+        return {}
+    from pipeline.models.swinv2 import SWINV2_MODELS
+
+    native = tuple(SWINV2_MODELS[arch][1]["input_size"][-2:])
+    size = tuple(model.visual.image_size)
+    if size == native:
+        return {}
+    return {"force_image_size": size[0] if size[0] == size[1] else list(size)}
 
 
 def promote_scalar_params(module: torch.nn.Module) -> None:
@@ -74,7 +127,15 @@ def clip_flops_per_sample(model: torch.nn.Module, image_size: int, context_lengt
         return 6 * matmul_params * tokens + 6 * 2 * layers * tokens * tokens * width
 
     v, t = model.visual, model.transformer
+    text = tower(t, context_length, t.width, t.layers)
+    trunk = getattr(v, "trunk", None)
+    if trunk is not None:  # timm tower: SwinV2 counts its own FLOPs, others get 6 x matmul params x patch tokens
+        head = 6 * sum(p.numel() for p in v.head.parameters() if p.ndim == 2)
+        if hasattr(trunk, "flops_per_image"):
+            return 3 * trunk.flops_per_image() + head + text
+        patch = getattr(getattr(trunk, "patch_embed", None), "patch_size", 16)
+        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+        return tower(trunk, (image_size // patch) ** 2, 0, 0) + head + text
     patch = v.patch_size[0] if isinstance(v.patch_size, tuple) else v.patch_size
     v_tokens = (image_size // patch) ** 2 + 1
-    return (tower(v, v_tokens, v.transformer.width, v.transformer.layers)
-            + tower(t, context_length, t.width, t.layers))
+    return tower(v, v_tokens, v.transformer.width, v.transformer.layers) + text
