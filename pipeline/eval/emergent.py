@@ -1,0 +1,125 @@
+"""Emergent zero-shot classification and cross-modal retrieval for a bound modality (ImageBind-style).
+
+The modality encoder was trained against images only; text never touched it. Zero-shot classification of the
+modality therefore uses the frozen text tower's class-prompt embeddings (`zero_shot.class_embeddings`) against
+the modality embeddings: that it works at all is the "emergent" alignment. Retrieval recall@k on held-out
+samples, the match of each query being its own sample: modality -> image, image -> modality, text (the caption)
+-> modality, modality -> text. For reference, the frozen image tower's own zero-shot accuracy on the same
+samples is reported as `image_zero_shot_top1` (what the binding can at best inherit).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from pipeline.data.loader import BadSample, ShardSet, decode_image_caption, expand_shards
+from pipeline.data.modalities import decode_modality
+from pipeline.eval.zero_shot import class_embeddings, recall_at_k
+
+
+def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform: Callable,
+                               modality_transform: Callable, batch_size: int, bad: Counter | None = None,
+                               max_samples: int = 0, decode_options: dict | None = None,
+                               ) -> Iterator[tuple[torch.Tensor, list[str], torch.Tensor, list[int]]]:
+    """Every readable sample in order, batched: (images, captions, modality inputs, labels (-1 if no .cls)).
+    Failures are skipped and counted by reason in `bad`."""
+    bad = Counter() if bad is None else bad
+    images, captions, inputs, labels = [], [], [], []
+    count = 0
+    for sid in range(shards.total):
+        if max_samples and count >= max_samples:
+            break
+        try:
+            _, raw = shards.read(sid)
+        except (OSError, EOFError):
+            bad["unreadable"] += 1
+            continue
+        try:
+            img, caption = decode_image_caption(raw)
+            decoded = decode_modality(raw, modality, **(decode_options or {}))
+            x = modality_transform(decoded.value)
+        except BadSample as e:
+            bad[e.reason] += 1
+            continue
+        try:
+            label = int(raw["cls"].decode()) if "cls" in raw else -1
+        except ValueError:
+            label = -1
+        images.append(image_transform(img))
+        captions.append(caption)
+        inputs.append(x)
+        labels.append(label)
+        count += 1
+        if len(images) == batch_size:
+            yield torch.stack(images), captions, torch.stack(inputs), labels
+            images, captions, inputs, labels = [], [], [], []
+    if images:
+        yield torch.stack(images), captions, torch.stack(inputs), labels
+
+
+def _topk_accuracy(features: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    top = (features @ class_emb.T).topk(min(5, class_emb.shape[0]), dim=1).indices.cpu()
+    target = labels.unsqueeze(1)
+    return (top[:, :1] == target).any(1).float().mean().item(), (top == target).any(1).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate_emergent(model, modality: str, val: str, image_transform: Callable, modality_transform: Callable,
+                      tokenizer: Callable, classes_json: str = "", batch_size: int = 256,
+                      recall_at: list[int] = (1, 5, 10), max_samples: int = 0,
+                      decode_options: dict | None = None) -> dict:
+    """`model`: an `ImageBindModel` (encode_image / encode_text / encode_modality return normalised features).
+    Returns {"modality", "samples", "bad": {reason: n}, "<m>_zero_shot_top1/top5", "image_zero_shot_top1/top5",
+    "classes" (when `classes_json` is given and samples have .cls), "<m>2image_R@k", "image2<m>_R@k",
+    "text2<m>_R@k", "<m>2text_R@k"}."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    shards = ShardSet(expand_shards(val, "data.val"))
+    bad: Counter = Counter()
+    img_f, txt_f, mod_f, labels = [], [], [], []
+    for images, captions, inputs, lab in iterate_multimodal_samples(shards, modality, image_transform,
+                                                                    modality_transform, batch_size, bad,
+                                                                    max_samples, decode_options):
+        img_f.append(model.encode_image(images.to(device, dtype)).float())
+        txt_f.append(model.encode_text(tokenizer(captions).to(device)).float())
+        mod_f.append(model.encode_modality(modality, inputs.to(device, dtype)).float())
+        labels.extend(lab)
+    if was_training:
+        model.train()
+    m = modality
+    results: dict = {"modality": m, "samples": sum(x.shape[0] for x in img_f), "bad": dict(bad)}
+    if not img_f:
+        return results
+    img, txt, mod = torch.cat(img_f), torch.cat(txt_f), torch.cat(mod_f)
+    label_t = torch.tensor(labels)
+    if classes_json and (label_t >= 0).all():
+        classes = json.loads(Path(classes_json).read_text())
+        cls_emb = class_embeddings(model, tokenizer, classes["classes"], classes["templates"], device)
+        results["classes"] = len(classes["classes"])
+        results[f"{m}_zero_shot_top1"], results[f"{m}_zero_shot_top5"] = _topk_accuracy(mod, cls_emb, label_t)
+        results["image_zero_shot_top1"], results["image_zero_shot_top5"] = _topk_accuracy(img, cls_emb, label_t)
+    ks = list(recall_at)
+    for name, sim in ((f"{m}2image", mod @ img.T), (f"image2{m}", img @ mod.T),
+                      (f"text2{m}", txt @ mod.T), (f"{m}2text", mod @ txt.T)):
+        for k, v in recall_at_k(sim, ks).items():
+            results[f"{name}_R@{k}"] = v
+    return results
+
+
+def format_emergent(r: dict) -> str:
+    m = r["modality"]
+    parts = [f"{r['samples']} held-out samples with {m}"]
+    if r.get("bad"):
+        parts.append("skipped " + ", ".join(f"{k} {v}" for k, v in sorted(r["bad"].items())))
+    if f"{m}_zero_shot_top1" in r:
+        parts.append(f"emergent {m} zero-shot top-1 {100 * r[f'{m}_zero_shot_top1']:.1f}% / top-5 "
+                     f"{100 * r[f'{m}_zero_shot_top5']:.1f}% over {r['classes']} classes (chance "
+                     f"{100 / r['classes']:.1f}%; frozen image tower {100 * r['image_zero_shot_top1']:.1f}%)")
+    parts.append(" ".join(f"{k} {100 * v:.1f}%" for k, v in r.items() if "_R@" in k))
+    return "; ".join(parts)

@@ -1,0 +1,60 @@
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pipeline.data.loader import ShardSet, decode_image_caption, expand_shards
+from pipeline.data.modalities import AudioTransform, DepthTransform
+from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
+from pipeline.eval.emergent import evaluate_emergent, format_emergent
+from pipeline.models.imagebind import ImageBindModel, build_imagebind, tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    paths = write_multimodal_demo_dataset(tmp_path_factory.mktemp("mm"), train_samples=4, val_samples=24,
+                                          samples_per_shard=10)
+    torch.manual_seed(0)
+    model, _, eval_tf, tokenizer = build_imagebind("clip-tiny", {"audio": tiny_config("audio", 128),
+                                                                 "depth": tiny_config("depth", 128)})
+    return paths, model, eval_tf, tokenizer
+
+
+@pytest.mark.parametrize("modality", ["audio", "depth"])
+def test_emergent_metrics(setup, modality):
+    paths, model, eval_tf, tokenizer = setup
+    transform = (AudioTransform(clip_seconds=1.0, clips=2, n_mels=64, target_frames=100, train=False)
+                 if modality == "audio" else DepthTransform(size=48, train=False))
+    r = evaluate_emergent(model, modality, paths["val"], eval_tf, transform, tokenizer, paths["classes"],
+                          batch_size=10, recall_at=[1, 5])
+    assert r["samples"] == 24 and r["bad"] == {} and r["classes"] == 40
+    for key in (f"{modality}_zero_shot_top1", f"{modality}_zero_shot_top5", "image_zero_shot_top1",
+                f"{modality}2image_R@1", f"image2{modality}_R@5", f"text2{modality}_R@1", f"{modality}2text_R@5"):
+        assert 0.0 <= r[key] <= 1.0, key
+    assert r[f"{modality}2image_R@1"] <= r[f"{modality}2image_R@5"]
+    assert "emergent" in format_emergent(r)
+
+
+def test_perfect_binding_scores_perfectly(setup):
+    """An encoder that outputs the image tower's own embedding of the sample makes every metric equal the image's."""
+    paths, model, eval_tf, tokenizer = setup
+
+    class Oracle(torch.nn.Module):
+        config = SimpleNamespace(modality="audio", embed_dim=128)
+
+        def __init__(self, features):
+            super().__init__()
+            self.features = features
+
+        def forward(self, index):
+            return self.features[index.long().flatten()]
+
+    shards = ShardSet(expand_shards(paths["val"]))
+    images = torch.stack([eval_tf(decode_image_caption(shards.read(i)[1])[0]) for i in range(shards.total)])
+    counter = iter(range(shards.total))  # the "audio" input of sample i is its index
+    oracle_model = ImageBindModel(model.clip, {"audio": Oracle(model.encode_image(images))})
+    r = evaluate_emergent(oracle_model, "audio", paths["val"], eval_tf, lambda _: torch.tensor([next(counter)]),
+                          tokenizer, paths["classes"], batch_size=7, recall_at=[1])
+    assert r["audio2image_R@1"] == 1.0 and r["image2audio_R@1"] == 1.0
+    assert math.isclose(r["audio_zero_shot_top1"], r["image_zero_shot_top1"])
