@@ -104,9 +104,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_open_clip, open_clip_export_kwargs
+    from pipeline.export import export_checkpoint, open_clip_export_kwargs
 
-    out = export_open_clip(_checkpoint(args.checkpoint), args.out)
+    out = export_checkpoint(_checkpoint(args.checkpoint), args.out)
+    if not (out / "open_clip_config.json").is_file():
+        print(f"ImageBind export written: {out} (load with pipeline.models.imagebind.load_imagebind('{out}'), "
+              f"or one encoder with load_encoder('{out}/<modality>'))")
+        return 0
     print(f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'"
           f"{''.join(f', {k}={v!r}' for k, v in open_clip_export_kwargs(out).items())}))")
     return 0
@@ -136,6 +140,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if not Path(args.config).is_file():
         raise UserError(f"--config: file not found: {args.config}")
+    from pipeline.config import load_config
+
+    if load_config(args.config).task == "imagebind":
+        from pipeline.demo import run_imagebind_demo
+
+        run_imagebind_demo(Path(args.out), Path(args.config), steps=args.steps, nproc=args.nproc_per_node)
+        return 0
     run_demo(Path(args.out), Path(args.config), steps=args.steps, nproc=args.nproc_per_node,
              train_samples=args.train_samples)
     return 0

@@ -81,13 +81,26 @@ class EvalConfig:
 
 
 @dataclass
+class ImageBindConfig:
+    towers: str = ""  # open_clip directory of the image + text towers (e.g. `pipeline export` output)
+    modalities: list[str] = field(default_factory=lambda: ["audio"])  # each bound to the image embeddings
+    preset: Literal["tiny", "huge"] = "tiny"  # encoder sizes: demo-sized, or ImageBind-Huge's
+    freeze_towers: bool = True  # as ImageBind; false trains the towers too at lr x tower_lr_scale
+    tower_lr_scale: float = 0.1
+    clip_seconds: float = 1.0  # audio clip length fed to the encoder
+    sample_rate: int = 16000  # audio is resampled to this rate
+    depth_scale: float = 1000.0  # 16-bit depth PNG units per metre
+
+
+@dataclass
 class RunConfig:
-    task: Literal["clip"] = "clip"  # what is trained; see pipeline/tasks/
+    task: Literal["clip", "imagebind"] = "clip"  # what is trained; see pipeline/tasks/
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    imagebind: ImageBindConfig = field(default_factory=ImageBindConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

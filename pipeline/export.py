@@ -19,13 +19,16 @@ from pipeline.train.checkpoint import resolve_checkpoint
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (partitions merged)."""
+    """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (partitions merged). Parameters the
+    optimizer did not hold (frozen towers) come from the module state that rank 0 saved."""
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    module = {k: v.float() for k, v in states["module"].items() if v.numel()}
     if any(ckpt.glob("*optim_states.pt")) and any(ckpt.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return {k: v.float() for k, v in states["module"].items()}
+        trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        return {**{k: v for k, v in module.items() if k not in trained}, **trained}
+    return module
 
 
 def checkpoint_config(ckpt: Path) -> dict:
@@ -87,3 +90,25 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """An ImageBind run's checkpoint -> `export_imagebind` layout: towers/ (open_clip directory) and one
+    `<modality>/` encoder directory each (`pipeline.models.imagebind.load_encoder`)."""
+    from pipeline.config import load_config
+    from pipeline.models.clip import load_state_dict_reshaped
+    from pipeline.models.imagebind import export_imagebind
+    from pipeline.tasks.imagebind import ImageBindTask
+
+    ckpt = resolve_checkpoint(checkpoint)
+    task = ImageBindTask(load_config(ckpt / "config.yaml"))
+    load_state_dict_reshaped(task.model, consolidated_state_dict(ckpt))
+    return export_imagebind(task.model, out_dir)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Exports a checkpoint in the format its task's users load: open_clip (clip), ImageBind encoders."""
+    ckpt = resolve_checkpoint(checkpoint)
+    if checkpoint_config(ckpt).get("task", "clip") == "imagebind":
+        return export_imagebind_checkpoint(ckpt, out_dir)
+    return export_open_clip(ckpt, out_dir)

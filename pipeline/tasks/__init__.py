@@ -2,6 +2,7 @@
 the evaluation. The training loop (pipeline/train/loop.py) is the same for every task.
 
 - `clip`: image-text contrastive (CLIP softmax or SigLIP sigmoid loss), pipeline/tasks/contrastive.py
+- `imagebind`: audio / depth / thermal / IMU encoders bound to frozen image embeddings, pipeline/tasks/imagebind.py
 """
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ class Task(Protocol):
     decoder: SampleDecoder  # training samples -> batch tensors (runs in the loader workers)
     flops_per_sample: float  # forward + backward model FLOPs, for TFLOP/s and MFU
 
+    def param_groups(self) -> list[dict] | None:
+        """AdamW parameter groups (e.g. layer-wise lr decay), or None for the default decay / no-decay split."""
+
     def loss(self, engine, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, dict]:
         """Forward through `engine` and the loss; the dict holds detached scalars for the metrics."""
 
@@ -27,12 +31,12 @@ class Task(Protocol):
 
 def check_task(cfg: RunConfig) -> None:
     """The task-specific checks that can run before a process group starts."""
-    from pipeline.tasks import contrastive
+    from pipeline.tasks import contrastive, imagebind
 
-    {"clip": contrastive.check}[cfg.task](cfg)
+    {"clip": contrastive.check, "imagebind": imagebind.check}[cfg.task](cfg)
 
 
 def build_task(cfg: RunConfig) -> Task:
-    from pipeline.tasks import contrastive
+    from pipeline.tasks import contrastive, imagebind
 
-    return {"clip": contrastive.ContrastiveTask}[cfg.task](cfg)
+    return {"clip": contrastive.ContrastiveTask, "imagebind": imagebind.ImageBindTask}[cfg.task](cfg)

@@ -42,6 +42,9 @@ class ContrastiveTask:
         self.decoder = ImageTextDecoder(train_tf, self.tokenizer, image_size if cfg.data.jpeg_draft else None)
         self.flops_per_sample = clip_flops_per_sample(model, image_size, self.tokenizer.context_length)
 
+    def param_groups(self) -> None:
+        return None
+
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = next(engine.module.parameters()).dtype
         out = engine(batch["images"].to(device, dtype, non_blocking=True), batch["texts"].to(device, non_blocking=True))

@@ -57,11 +57,13 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int):
+def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, groups: list[dict] | None = None):
+    """DeepSpeed engine with AdamW over `groups` (default: `param_groups`; a group may carry its own "lr", which
+    the schedule then scales) and warmup + cosine."""
     import deepspeed
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+    optimizer = torch.optim.AdamW(groups or param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
                                   fused=torch.cuda.is_available())
     min_ratio = t.min_lr / t.lr if t.lr else 0.0
     engine, _, _, scheduler = deepspeed.initialize(

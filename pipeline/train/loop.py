@@ -105,7 +105,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
 
     _seed_everything(t.seed)  # same seed on every rank: identical initial weights
     task = build_task(cfg)
-    engine, _ = build_engine(task.model, cfg, env.world_size)
+    engine, _ = build_engine(task.model, cfg, env.world_size, task.param_groups())
 
     sources = expand_sources(cfg.data.train, "data.train", fetch_spec(cfg))
     shards = ShardSet.from_sources(sources)

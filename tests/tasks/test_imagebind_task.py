@@ -1,0 +1,51 @@
+"""ImageBind training through the real loop: 2 ranks, DeepSpeed, two modalities, frozen towers."""
+import json
+
+import pytest
+import torch
+from conftest import REPO, run_pipeline
+
+from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
+from pipeline.export import consolidated_state_dict
+from pipeline.models.clip import create_clip
+from pipeline.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def multimodal_data(tmp_path_factory):
+    return write_multimodal_demo_dataset(tmp_path_factory.mktemp("mm"), train_samples=256, val_samples=64,
+                                         samples_per_shard=100)
+
+
+def test_two_modalities_bind_on_two_ranks_with_towers_bitwise_frozen(multimodal_data, tmp_path):
+    out = tmp_path / "run"
+    run_pipeline("train", "--config", REPO / "configs/demo/imagebind_audio_depth.yaml", "--nproc-per-node", "2",
+                 f"data.train={multimodal_data['train']}", f"data.val={multimodal_data['val']}",
+                 f"data.classes={multimodal_data['classes']}", f"train.out_dir={out}", "imagebind.towers=clip-tiny",
+                 "train.steps=4", "train.batch_size=16", "train.warmup_steps=1", "train.log_every=1",
+                 "train.progress=false", "train.seed=3")
+    records = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all({"loss/audio", "loss/depth", "logit_scale/audio"} <= set(r) for r in records)
+    assert records[0]["logit_scale/audio"] == pytest.approx(20.0)  # ImageBind's fixed audio temperature
+    results = json.loads((out / "eval.json").read_text())
+    assert {"audio_zero_shot_top1", "depth_zero_shot_top1", "audio2image_R@1"} <= set(results)
+
+    ckpt = out / "checkpoints" / "step_00000004"
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    torch.manual_seed(3)  # the towers as the run built them (random clip-tiny, seed 3), before any step
+    towers, *_ = create_clip("clip-tiny")
+    for name, value in towers.state_dict().items():
+        assert torch.equal(state[f"clip.{name}"].reshape(value.shape), value), name
+
+    export = tmp_path / "export"
+    run_pipeline("export", "--checkpoint", out, "--out", export)
+    from pipeline.models.imagebind import load_encoder, load_imagebind
+
+    model = load_imagebind(export)[0]
+    audio = load_encoder(export / "audio")
+    x = torch.randn(2, *audio.config.input_size).unsqueeze(1)
+    with torch.no_grad():
+        assert torch.allclose(audio(x), model.encoders["audio"](x))
+        for k, v in audio.state_dict().items():
+            assert torch.equal(v, state[f"encoders.audio.{k}"].reshape(v.shape)), k
