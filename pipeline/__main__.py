@@ -107,6 +107,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_checkpoint, open_clip_export_kwargs
 
     out = export_checkpoint(_checkpoint(args.checkpoint), args.out)
+    if (out / "config.json").is_file():
+        print(f"timm directory written: {out} (load with timm.create_model('local-dir:{out}', pretrained=True))")
+        return 0
     if not (out / "open_clip_config.json").is_file():
         print(f"ImageBind export written: {out} (load with pipeline.models.imagebind.load_imagebind('{out}'), "
               f"or one encoder with load_encoder('{out}/<modality>'))")
@@ -205,6 +208,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrorParser(prog="python -m pipeline", description=__doc__)
+    # `deepspeed --module pipeline train ...` runs `python -m pipeline --local_rank=N train ...`: accepted and
+    # ignored (LOCAL_RANK in the environment says the same and is what is read)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     t = sub.add_parser("train", help="train a model from a YAML config (run under torchrun, srun, or with "
@@ -213,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo/clip_tiny.yaml")
     t.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
                    help="when not started by a launcher: start this many local ranks with torchrun")
-    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the
-    # DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same and is what is read
+    t.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # as above,
+    # where a launcher appends it after the verb's arguments
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=cmd_train)
 

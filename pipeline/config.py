@@ -39,14 +39,41 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "clip-tiny"  # an open_clip model name; configs/model/*.json are registered too
+    name: str = "clip-tiny"  # clip: an open_clip model name (configs/model/*.json too); supervised / simmim: a
+    #                          timm vit_* name, a swinv2_* name or a demo preset (pipeline/models/backbone.py)
     activation_checkpointing: bool = False
+    kwargs: dict = field(default_factory=dict)  # backbone constructor arguments (timm's: num_classes, img_size...)
+    init_from: str = ""  # backbones: a checkpoint (or run) directory whose weights initialise the model
 
 
 @dataclass
 class LossConfig:
     name: Literal["clip", "siglip"] = "clip"  # softmax over all ranks' pairs, or the sigmoid loss on a ring
     logit_scale_max: float = 100.0  # exp(t') is clamped here; the gradient is 0 beyond the clamp
+    label_smoothing: float = 0.0  # supervised
+    mixup: float = 0.0  # supervised: mixup Beta(a, a) alpha; 0 = off
+    cutmix: float = 0.0  # supervised: cutmix alpha; 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed
+    mix_switch_prob: float = 0.5  # with both on: probability of cutmix rather than mixup
+
+
+@dataclass
+class AugConfig:
+    """Training image augmentation of the backbone tasks (timm's create_transform)."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: str = ""  # e.g. rand-m9-mstd0.5-inc1
+    re_prob: float = 0.0  # random erasing
+    eval_crop_pct: float = 0.0  # 0 = the model's default
+
+
+@dataclass
+class SimMIMConfig:
+    mask_ratio: float = 0.6  # exact fraction of mask patches masked per image
+    mask_patch_size: int = 32  # pixels; a multiple of the model's patch size
+    norm_target_window: int = 0  # odd window of the normalised pixel target (47 in SwinV2's recipe); 0 = raw
 
 
 @dataclass
@@ -65,6 +92,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: Literal[0, 1, 2, 3] = 1
+    lr_schedule: Literal["cosine", "linear", "multistep"] = "cosine"  # after the linear warmup
+    lr_milestones: list[int] = field(default_factory=list)  # multistep: steps where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    layer_decay: float = 1.0  # backbones: layer-wise lr decay (1 = off); lr x decay^(depth - layer)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 200  # 0: only at the end
@@ -78,6 +109,12 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 256
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+    knn_k: int = 20  # backbones: kNN on frozen pooled features (0 = off)
+    knn_temperature: float = 0.07
+    knn_train_samples: int = 10000  # training samples that form the kNN memory / probe set (0 = all)
+    linear_probe_epochs: int = 0  # 0 = no linear probe
+    linear_probe_lr: float = 0.1
+    linear_probe_wd: float = 0.0
 
 
 @dataclass
@@ -94,13 +131,15 @@ class ImageBindConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["clip", "imagebind"] = "clip"  # what is trained; see pipeline/tasks/
+    task: Literal["clip", "imagebind", "supervised", "simmim"] = "clip"  # what is trained; see pipeline/tasks/
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     imagebind: ImageBindConfig = field(default_factory=ImageBindConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    simmim: SimMIMConfig = field(default_factory=SimMIMConfig)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -111,6 +150,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if value == c or (isinstance(value, str) and str(c) == value):
                 return c
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}={value!r} must be a mapping")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -209,6 +252,14 @@ def _check_values(cfg: RunConfig) -> None:
                    "data.workers": cfg.data.workers, "train.global_batch_size": t.global_batch_size}.items():
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
+    if not 0 < t.layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay={t.layer_decay} must be in (0, 1]")
+    if t.lr_milestones != sorted(t.lr_milestones):
+        raise ConfigError(f"train.lr_milestones={t.lr_milestones} must be ascending")
+    if cfg.simmim.norm_target_window and cfg.simmim.norm_target_window % 2 == 0:
+        raise ConfigError(f"simmim.norm_target_window={cfg.simmim.norm_target_window} must be odd (or 0)")
+    if not 0 < cfg.simmim.mask_ratio < 1:
+        raise ConfigError(f"simmim.mask_ratio={cfg.simmim.mask_ratio} must be in (0, 1)")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1)")
     if not 0 <= cfg.data.max_bad_fraction <= 1:

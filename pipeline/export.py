@@ -106,9 +106,30 @@ def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> 
     return export_imagebind(task.model, out_dir)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Exports a checkpoint in the format its task's users load: open_clip (clip), ImageBind encoders."""
+def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A supervised / SimMIM run's checkpoint -> timm directory (config.json + model.safetensors) of the backbone
+    (SimMIM: the encoder, without mask token and pixel decoder)."""
+    from pipeline.export_timm import export_timm
+    from pipeline.models.backbone import resolve_backbone
+
     ckpt = resolve_checkpoint(checkpoint)
-    if checkpoint_config(ckpt).get("task", "clip") == "imagebind":
+    cfg = checkpoint_config(ckpt)
+    state = consolidated_state_dict(ckpt)
+    kwargs = dict(cfg["model"].get("kwargs") or {})
+    if cfg["task"] == "simmim":
+        state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        kwargs["num_classes"] = 0
+    arch, arch_kwargs = resolve_backbone(cfg["model"]["name"], **kwargs)
+    return export_timm(state, out_dir, arch, arch_kwargs)
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Exports a checkpoint in the format its task's users load: open_clip (clip), ImageBind encoders, timm
+    (backbones)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    task = checkpoint_config(ckpt).get("task", "clip")
+    if task == "imagebind":
         return export_imagebind_checkpoint(ckpt, out_dir)
+    if task in ("supervised", "simmim"):
+        return export_backbone_checkpoint(ckpt, out_dir)
     return export_open_clip(ckpt, out_dir)

@@ -3,6 +3,7 @@ the evaluation. The training loop (pipeline/train/loop.py) is the same for every
 
 - `clip`: image-text contrastive (CLIP softmax or SigLIP sigmoid loss), pipeline/tasks/contrastive.py
 - `imagebind`: audio / depth / thermal / IMU encoders bound to frozen image embeddings, pipeline/tasks/imagebind.py
+- `supervised`, `simmim`: ViT / SwinV2 backbones, classification or masked image modelling, pipeline/tasks/backbone.py
 """
 from __future__ import annotations
 
@@ -31,12 +32,16 @@ class Task(Protocol):
 
 def check_task(cfg: RunConfig) -> None:
     """The task-specific checks that can run before a process group starts."""
-    from pipeline.tasks import contrastive, imagebind
+    from pipeline.tasks import backbone, contrastive, imagebind
 
-    {"clip": contrastive.check, "imagebind": imagebind.check}[cfg.task](cfg)
+    checks = {"clip": contrastive.check, "imagebind": imagebind.check, "supervised": backbone.check,
+              "simmim": backbone.check}
+    checks[cfg.task](cfg)
 
 
 def build_task(cfg: RunConfig) -> Task:
-    from pipeline.tasks import contrastive, imagebind
+    from pipeline.tasks import backbone, contrastive, imagebind
 
-    return {"clip": contrastive.ContrastiveTask, "imagebind": imagebind.ImageBindTask}[cfg.task](cfg)
+    tasks = {"clip": contrastive.ContrastiveTask, "imagebind": imagebind.ImageBindTask,
+             "supervised": backbone.SupervisedTask, "simmim": backbone.SimMIMTask}
+    return tasks[cfg.task](cfg)

@@ -49,11 +49,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine down to min_ratio at `total`."""
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
+              milestones: list[int] = (), gamma: float = 0.1) -> float:
+    """Linear warmup to 1, then cosine (or linear) down to min_ratio at `total`, or multistep decay."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "multistep":
+        return gamma ** sum(step >= m for m in milestones)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -69,6 +74,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, world_size: int, groups
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_factor(s, t.warmup_steps, t.steps, min_ratio)),
+            opt, lambda s: lr_factor(s, t.warmup_steps, t.steps, min_ratio, t.lr_schedule, t.lr_milestones,
+                                     t.lr_gamma)),
     )
     return engine, scheduler

@@ -1,0 +1,130 @@
+"""Backbone pretraining on labelled or unlabelled images: `supervised` (classification from `.cls` labels, label
+smoothing, mixup / cutmix) and `simmim` (masked image modelling: L1 on the pixels of masked patches), for timm
+ViTs and our SwinV2 (pipeline/models/backbone.py). Evaluation: the classifier's top-1/5, kNN and a linear probe
+on frozen pooled features, and for SimMIM the held-out reconstruction error.
+
+A batch's path: loader (ImageLabelDecoder / MaskedImageDecoder: transform, label or mask drawn under the
+loader's per-sample seed) -> backbone (+ mask token and pixel decoder for SimMIM) -> loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.data.loader import ImageLabelDecoder, expand_shards
+from pipeline.models.backbone import (BackboneNameError, backbone_transforms, create_backbone, forward_flops,
+                                      load_backbone_weights, resolve_backbone)
+from pipeline.objectives.classification import MixConfig, accuracy_topk, batch_rng, classification_loss, mix_batch
+from pipeline.objectives.simmim import MaskedImageDecoder, SimMIM, evaluate_reconstruction, simmim_forward_flops
+from pipeline.train.layer_decay import layer_decay_param_groups
+
+
+def check(cfg: RunConfig) -> None:
+    try:
+        resolve_backbone(cfg.model.name, **cfg.model.kwargs)
+    except BackboneNameError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.val:
+        expand_shards(cfg.data.val, "data.val")
+    if (cfg.loss.mixup or cfg.loss.cutmix) and cfg.train.batch_size % 2:
+        raise ConfigError(f"loss.mixup / loss.cutmix pair image i with B-1-i: train.batch_size="
+                          f"{cfg.train.batch_size} must be even")
+
+
+def _init_weights(model: torch.nn.Module, init_from: str) -> None:
+    from pipeline.export import consolidated_state_dict
+    from pipeline.train.checkpoint import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(init_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    load_backbone_weights(model, consolidated_state_dict(ckpt))
+
+
+class _BackboneTask:
+    def __init__(self, cfg: RunConfig, kwargs: dict):
+        self.cfg = cfg
+        m, a = cfg.model, cfg.aug
+        self.backbone = create_backbone(m.name, **kwargs)
+        if m.init_from:
+            _init_weights(self.backbone, m.init_from)
+        if m.activation_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.train_transform = backbone_transforms(
+            self.backbone, True, scale=tuple(a.crop_scale), ratio=tuple(a.crop_ratio), hflip=a.hflip,
+            color_jitter=a.color_jitter, auto_augment=a.auto_augment or None, re_prob=a.re_prob)
+        self.eval_transform = backbone_transforms(self.backbone, False,
+                                                  **({"crop_pct": a.eval_crop_pct} if a.eval_crop_pct else {}))
+        size = self.backbone.patch_embed.img_size
+        self.draft_size = (size[0] if isinstance(size, (tuple, list)) else size) if cfg.data.jpeg_draft else None
+
+    def param_groups(self) -> list[dict]:
+        t = self.cfg.train
+        return layer_decay_param_groups(self.model, t.lr, t.weight_decay, t.layer_decay)
+
+    def _evaluate_backbone(self, backbone: torch.nn.Module) -> dict:
+        from pipeline.eval.knn import evaluate_backbone, format_backbone_results
+
+        cfg, e = self.cfg, self.cfg.eval
+        results = evaluate_backbone(backbone, cfg.data.val, self.eval_transform, cfg.data.train, e.batch_size,
+                                    e.knn_k, e.knn_temperature, e.knn_train_samples, e.linear_probe_epochs,
+                                    e.linear_probe_lr, e.linear_probe_wd, seed=cfg.train.seed)
+        print("eval: " + format_backbone_results(results), flush=True)
+        return results
+
+
+class SupervisedTask(_BackboneTask):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg, cfg.model.kwargs)
+        self.model = self.backbone
+        self.decoder = ImageLabelDecoder(self.train_transform, self.draft_size)
+        l = cfg.loss
+        self.mix = MixConfig(l.mixup, l.cutmix, l.mix_prob, l.mix_switch_prob, l.label_smoothing)
+        self.flops_per_sample = 3 * forward_flops(cfg.model.name, **cfg.model.kwargs)
+
+    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        dtype = next(engine.module.parameters()).dtype
+        images, labels = batch["images"].to(device, dtype, non_blocking=True), batch["labels"].to(device)
+        targets = labels
+        if self.mix.enabled:  # the mix is a function of the batch's place in the stream: resumes redraw it
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            images, targets, _ = mix_batch(images, labels, self.model.num_classes, self.mix,
+                                           batch_rng(self.cfg.train.seed, batch["epoch"], batch["offset"], rank))
+        logits = engine(images)
+        loss = classification_loss(logits, targets.to(device), self.cfg.loss.label_smoothing)
+        stats = {} if self.mix.enabled else {"train_top1": accuracy_topk(logits.detach(), labels, (1,))[1]}
+        return loss, stats
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        return self._evaluate_backbone(model) if self.cfg.data.val else {}
+
+
+class SimMIMTask(_BackboneTask):
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg, {**cfg.model.kwargs, "num_classes": 0})
+        s = cfg.simmim
+        self.model = SimMIM(self.backbone, s.norm_target_window)
+        info = self.model.info
+        try:
+            self.decoder = MaskedImageDecoder(self.train_transform, info.grid_size, s.mask_ratio,
+                                              s.mask_patch_size, info.patch_size, self.draft_size)
+        except ValueError as e:
+            raise ConfigError(f"simmim: {e}") from None
+        self.flops_per_sample = 3 * simmim_forward_flops(cfg.model.name, **cfg.model.kwargs)
+
+    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        dtype = next(engine.module.parameters()).dtype
+        out = engine(batch["images"].to(device, dtype, non_blocking=True), batch["masks"].to(device))
+        return out["loss"], {}
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        cfg = self.cfg
+        if not cfg.data.val:
+            return {}
+        s = cfg.simmim
+        results = evaluate_reconstruction(model, cfg.data.val, self.eval_transform, s.mask_ratio,
+                                          s.mask_patch_size, cfg.eval.batch_size, seed=cfg.train.seed)
+        print(f"eval: held-out masked L1 {results['recon_l1']:.4f} (predicting the mean: "
+              f"{results['recon_l1_mean_baseline']:.4f})", flush=True)
+        return {**results, **self._evaluate_backbone(model.encoder)}

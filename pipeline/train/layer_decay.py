@@ -1,0 +1,119 @@
+"""Layer-wise learning-rate decay (BEiT / MAE / SimMIM fine-tuning) for timm ViTs and SwinV2 backbones.
+
+Each parameter gets a layer id, and its learning rate is base_lr * layer_decay ** (max_id - id):
+- ViT (depth L): patch_embed, cls_token, pos_embed, reg_token, norm_pre (and a SimMIM mask_token) -> 0;
+  blocks.i -> i + 1; everything after the blocks (norm, fc_norm, head, attn_pool, decoders) -> L + 1.
+- SwinV2 (depths d_0..d_{S-1}, D = sum d): patch_embed, absolute_pos_embed, mask_token -> 0;
+  layers.s.blocks.j -> d_0 + ... + d_{s-1} + j + 1; layers.s.downsample (the patch merging at the start of
+  stage s in timm's layout) -> d_0 + ... + d_{s-1}, the id of the block before it, as the SimMIM / Swin
+  fine-tuning code gives the same merging layer at the end of stage s-1; norm, head -> D + 1.
+A model that wraps a backbone as `.encoder` (SimMIM) is handled through the `encoder.` prefix.
+
+Weight decay is off for 1-d parameters (norms, biases, logit scales reshaped to 1-d), `*.bias`, the model's own
+`no_weight_decay()` names (timm ViT: pos_embed, cls_token; SwinV2: cpb_mlp.*, logit_scale) and
+`no_weight_decay_names` (a full name, or a dotted suffix of one).
+
+The groups carry their final "lr" (base_lr x lr_scale), so the trainer's LambdaLR warmup/cosine multiplies
+each group's own rate; "lr_scale" and "layer_id" are informational.
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from pipeline.models.backbone import backbone_info
+
+_VIT_STEM = ("cls_token", "pos_embed", "reg_token", "dist_token", "patch_embed", "norm_pre", "mask_token")
+_SWIN_STEM = ("patch_embed", "absolute_pos_embed", "mask_token")
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    if name.split(".")[0] in _VIT_STEM:
+        return 0
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return depth + 1
+
+
+def swinv2_layer_id(name: str, depths: tuple[int, ...]) -> int:
+    if name.split(".")[0] in _SWIN_STEM:
+        return 0
+    m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
+    if m:
+        stage, block = int(m.group(1)), int(m.group(2))
+        return sum(depths[:stage]) + block + 1
+    m = re.match(r"layers\.(\d+)\.downsample\.", name)
+    if m:
+        return sum(depths[:int(m.group(1))])
+    return sum(depths) + 1
+
+
+def _split_encoder(model: nn.Module) -> tuple[nn.Module, str]:
+    """(backbone, prefix of its parameter names in `model`)."""
+    enc = getattr(model, "encoder", None)
+    if isinstance(enc, nn.Module) and hasattr(enc, "patch_embed"):
+        return enc, "encoder."
+    return model, ""
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name: layer id}, max id) for a ViT or SwinV2 backbone (or a SimMIM wrapping one)."""
+    backbone, prefix = _split_encoder(model)
+    info = backbone_info(backbone)
+    if info.kind == "vit":
+        depth = info.depths[0]
+        fn, max_id = (lambda n: vit_layer_id(n, depth)), depth + 1
+    else:
+        fn, max_id = (lambda n: swinv2_layer_id(n, info.depths)), sum(info.depths) + 1
+    ids = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix):
+            ids[name] = fn(name[len(prefix):])
+        else:  # the wrapper's own: its mask token sits with the patch embedding, its decoder on top
+            ids[name] = 0 if name == "mask_token" else max_id
+    return ids, max_id
+
+
+def _no_decay_names(model: nn.Module, extra) -> set[str]:
+    names = set(extra)
+    if hasattr(model, "no_weight_decay"):
+        names |= set(model.no_weight_decay())
+    backbone, prefix = _split_encoder(model)
+    if prefix and hasattr(backbone, "no_weight_decay"):
+        names |= {prefix + n for n in backbone.no_weight_decay()}
+    return names
+
+
+def _matches(name: str, names: set[str]) -> bool:
+    return name in names or any(name.endswith("." + n) for n in names)
+
+
+def layer_decay_param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float = 1.0,
+                             no_weight_decay_names=()) -> list[dict]:
+    """AdamW parameter groups, one per (layer id, decayed or not) that has trainable parameters, in layer
+    order: {"params", "weight_decay", "lr", "lr_scale", "layer_id"}. layer_decay=1 gives plain groups."""
+    if not 0 < layer_decay <= 1:
+        raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
+    ids, max_id = layer_ids(model)
+    skip = _no_decay_names(model, no_weight_decay_names)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or _matches(name, skip)
+        lid = ids[name]
+        scale = layer_decay ** (max_id - lid)
+        key = (lid, not no_decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else weight_decay,
+                           "lr": base_lr * scale, "lr_scale": scale, "layer_id": lid}
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def param_group_summary(groups: list[dict]) -> list[tuple[int, float, float, int]]:
+    """[(layer_id, lr_scale, weight_decay, parameter count)] for logging."""
+    return [(g["layer_id"], g["lr_scale"], g["weight_decay"], sum(p.numel() for p in g["params"])) for g in groups]
+
