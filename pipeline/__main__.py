@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output directory (replaced atomically)")
     x.set_defaults(func=cmd_export)
 
-    d = sub.add_parser("demo", help="generate the demo data, train CLIP on 2 ranks, evaluate, export")
+    d = sub.add_parser("demo", help="generate the demo data, train on 2 ranks (CLIP by default), evaluate, export")
     d.add_argument("--out", default="runs/demo", help="where data, checkpoints, metrics and export go")
     d.add_argument("--config", default=str(REPO / "configs" / "demo" / "clip_tiny.yaml"),
                    help="the run config (e.g. configs/siglip/tiny_demo.yaml for the sigmoid loss)")

@@ -115,6 +115,7 @@ class EvalConfig:
     linear_probe_epochs: int = 0  # 0 = no linear probe
     linear_probe_lr: float = 0.1
     linear_probe_wd: float = 0.0
+    random_init_baseline: bool = False  # backbones: also probe the same architecture at its initial weights
 
 
 @dataclass

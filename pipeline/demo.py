@@ -14,9 +14,10 @@ from pipeline.__main__ import UserError, _torchrun, main
 def run_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2, train_samples: int = 20000) -> dict:
     import open_clip
 
+    from pipeline.config import load_config
     from pipeline.data.demo_dataset import write_demo_dataset
     from pipeline.eval.zero_shot import evaluate, format_results
-    from pipeline.export import export_open_clip, open_clip_export_kwargs
+    from pipeline.export import export_checkpoint, export_open_clip, open_clip_export_kwargs
 
     t0 = time.time()
     print(f"[demo] writing the demo dataset to {out / 'data'}", flush=True)
@@ -32,6 +33,10 @@ def run_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2, 
     if code != 0:
         raise UserError(f"training failed with exit code {code}")
 
+    if load_config(config).task != "clip":  # backbones: the timm export; the run's eval.json has the results
+        export_dir = export_checkpoint(out, out / "export")
+        print(f"[demo] done in {time.time() - t0:.0f} s; timm directory {export_dir}", flush=True)
+        return json.loads((out / "eval.json").read_text())
     export_dir = export_open_clip(out, out / "export")
     print(f"[demo] exported to {export_dir}; reloading it with open_clip alone", flush=True)
     model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{export_dir}",

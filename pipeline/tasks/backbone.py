@@ -67,10 +67,20 @@ class _BackboneTask:
         from pipeline.eval.knn import evaluate_backbone, format_backbone_results
 
         cfg, e = self.cfg, self.cfg.eval
-        results = evaluate_backbone(backbone, cfg.data.val, self.eval_transform, cfg.data.train, e.batch_size,
-                                    e.knn_k, e.knn_temperature, e.knn_train_samples, e.linear_probe_epochs,
-                                    e.linear_probe_lr, e.linear_probe_wd, seed=cfg.train.seed)
+
+        def probe(model):
+            return evaluate_backbone(model, cfg.data.val, self.eval_transform, cfg.data.train, e.batch_size,
+                                     e.knn_k, e.knn_temperature, e.knn_train_samples, e.linear_probe_epochs,
+                                     e.linear_probe_lr, e.linear_probe_wd, seed=cfg.train.seed)
+
+        results = probe(backbone)
         print("eval: " + format_backbone_results(results), flush=True)
+        if e.random_init_baseline:  # what pretraining added: the same probes on the initial weights
+            torch.manual_seed(cfg.train.seed)
+            initial = create_backbone(cfg.model.name, **{**cfg.model.kwargs, "num_classes": backbone.num_classes})
+            baseline = probe(initial.to(next(backbone.parameters()).device))
+            print("eval at initial weights: " + format_backbone_results(baseline), flush=True)
+            results.update({f"random_init_{k}": v for k, v in baseline.items() if "top" in k})
         return results
 
 
