@@ -290,6 +290,39 @@ def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, sample_id]).generate_state(1)[0])
 
 
+class ToNormalizedTensor:
+    """PIL RGB image -> (3, H, W) float32 `(x / 255 - mean) / std` in one pass over the pixels (torchvision's
+    ToTensor then Normalize make two, plus a float intermediate); equal to them within float rounding."""
+
+    def __init__(self, mean, std):
+        self.mean, self.std = tuple(mean), tuple(std)
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+        return torch.addcmul(self.shift, pixels, self.scale).contiguous()
+
+    def __repr__(self) -> str:
+        return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
+
+
+def fuse_to_tensor_normalize(transform: Callable) -> Callable:
+    """A torchvision Compose ending in [ToTensor, Normalize] (open_clip's and timm's transforms) with those two
+    replaced by `ToNormalizedTensor`; any other transform is returned unchanged."""
+    from torchvision.transforms import Compose, Normalize
+
+    steps = getattr(transform, "transforms", None)
+    if not isinstance(transform, Compose) or len(steps) < 2:
+        return transform
+    to_tensor, normalize = steps[-2], steps[-1]
+    if (type(to_tensor).__name__ not in ("ToTensor", "MaybeToTensor") or not isinstance(normalize, Normalize)
+            or len(normalize.mean) != 3):
+        return transform
+    return Compose([*steps[:-2], ToNormalizedTensor(normalize.mean, normalize.std)])
+
+
 class SampleDecoder(Protocol):
     """Turns one sample's members into tensors (raising BadSample), and a list of those into a batch."""
 
@@ -311,7 +344,8 @@ class ImageTextDecoder:
     """jpg/png/webp + txt -> {"images": transformed image, "texts": token ids} (tokenised in the workers)."""
 
     def __init__(self, transform: Callable, tokenizer: Callable, draft_size: int | None = None):
-        self.transform, self.tokenizer, self.draft_size = transform, tokenizer, draft_size
+        self.transform, self.tokenizer = fuse_to_tensor_normalize(transform), tokenizer
+        self.draft_size = draft_size
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
         img, caption = decode_image_caption(raw, self.draft_size)
@@ -327,7 +361,7 @@ class ImageLabelDecoder:
     """jpg/png/webp + cls -> {"images", "labels"}; for supervised and masked-image pretraining."""
 
     def __init__(self, transform: Callable, draft_size: int | None = None):
-        self.transform, self.draft_size = transform, draft_size
+        self.transform, self.draft_size = fuse_to_tensor_normalize(transform), draft_size
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
         data = image_member(raw)

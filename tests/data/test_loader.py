@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
-                                  FetchSpec, batch_position, decode_image, epoch_length, epoch_order,
+                                  FetchSpec, batch_position, decode_image, fuse_to_tensor_normalize, epoch_length, epoch_order,
                                   expand_shards, expand_sources, make_train_loader, parse_weights)
 from pipeline.data.shard_writer import ShardWriter
 from pipeline.models.clip import create_clip
@@ -225,3 +225,18 @@ def test_pipe_sources_are_fetched_and_mixed_with_local_ones(demo_data, tmp_path)
     assert shards.read(0) == ShardSet(local[:1]).read(0)
     with pytest.raises(DataError, match="pipe:sleep 5; cat x: no data for 1s"):
         expand_sources("pipe:sleep 5; cat x", fetch=FetchSpec(str(tmp_path / "cache"), 60, 1))
+
+
+def test_fused_to_tensor_normalize_equals_torchvision(clip_parts):
+    train_tf, _ = clip_parts
+    fused = fuse_to_tensor_normalize(train_tf)
+    assert type(fused.transforms[-1]).__name__ == "ToNormalizedTensor" and len(fused.transforms) == 3
+    for mode in ("RGB", "L"):
+        img = Image.effect_noise((80, 60), 60).convert(mode)
+        torch.manual_seed(0)
+        expected = train_tf(img)
+        torch.manual_seed(0)
+        got = fused(img)
+        assert got.shape == expected.shape and got.is_contiguous()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert fuse_to_tensor_normalize(len) is len  # anything else is left alone
