@@ -126,8 +126,10 @@ def clip_flops_per_sample(model: torch.nn.Module, image_size: int, context_lengt
         matmul_params = sum(p.numel() for n, p in module.named_parameters() if p.ndim == 2 and "embedding" not in n)
         return 6 * matmul_params * tokens + 6 * 2 * layers * tokens * tokens * width
 
-    v, t = model.visual, model.transformer
-    text = tower(t, context_length, t.width, t.layers)
+    v = model.visual
+    text_tower = getattr(model, "text", None) or model.transformer  # CustomTextCLIP (SigLIP) or CLIP
+    blocks = getattr(text_tower, "transformer", text_tower)
+    text = tower(text_tower, context_length, blocks.width, blocks.layers)
     trunk = getattr(v, "trunk", None)
     if trunk is not None:  # timm tower: SwinV2 counts its own FLOPs, others get 6 x matmul params x patch tokens
         head = 6 * sum(p.numel() for p in v.head.parameters() if p.ndim == 2)

@@ -1,19 +1,32 @@
 """Checkpoints that are either complete or invisible.
 
 Layout under `<out_dir>/checkpoints/`:
-    step_00000200/        DeepSpeed files + rank_00000.pt ... (per-rank RNG) + config.yaml
+    step_00000200/        DeepSpeed files + rank_00000.pt ... (per-rank RNG) + config.yaml + meta.json
+        universal/        (only after a resume on another world size) DeepSpeed universal checkpoint
     latest                text file naming the newest complete checkpoint
 
 Every rank writes into `step_XXXXXXXX.partial/`; after a barrier rank 0 renames it to its final name and then
 replaces `latest` atomically. A kill at any moment leaves either the previous state or the new one: a
 `.partial` directory is never read and is removed by the next run.
+
+Resuming on another world size: ZeRO 1-3 partition the optimizer state (and ZeRO-3 the weights) by rank, and
+DeepSpeed refuses to load partitions written by a different number of ranks. `load_checkpoint` then converts
+the checkpoint once into DeepSpeed's universal format (`deepspeed.checkpoint.ds_to_universal`: one fp32 tensor
+per parameter plus its Adam moments, independent of the partitioning) inside the checkpoint, as
+`step_XXXXXXXX/universal/` (written as `universal.partial/` and renamed when complete, like the checkpoint
+itself), and loads that with DeepSpeed's universal-checkpoint loader, which re-partitions for the current ranks.
+Without ZeRO (stage 0, fp32) the optimizer state is whole in `mp_rank_00_model_states.pt` and loads as is.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +34,10 @@ import torch
 import torch.distributed as dist
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+RANK_FILE = re.compile(r"^rank_(\d{5})\.pt$")
+UNIVERSAL = "universal"  # the converted copy inside a checkpoint directory
+META = "meta.json"
+CONVERT_TIMEOUT_S = float(os.environ.get("PIPELINE_UNIVERSAL_TIMEOUT", 4 * 3600))
 
 
 def step_dirname(step: int) -> str:
@@ -115,6 +132,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_ya
     torch.save({"rng": rng_state()}, partial / f"rank_{rank:05d}.pt")
     if rank == 0:
         (partial / "config.yaml").write_text(config_yaml)
+        (partial / META).write_text(json.dumps(_meta(engine, step), indent=2))
     dist.barrier()
     if rank == 0:
         if final.exists():  # the same step saved before (e.g. a rerun of a finished job): replace it
@@ -127,11 +145,116 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_ya
     return final
 
 
-def load_checkpoint(engine, path: Path) -> dict:
-    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the client state."""
+def _meta(engine, step: int) -> dict:
+    import deepspeed
+
+    return {"step": step, "world_size": dist.get_world_size(), "zero_stage": int(engine.zero_optimization_stage()),
+            "precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+            "deepspeed": deepspeed.__version__}
+
+
+def checkpoint_meta(path: str | Path) -> dict:
+    """What meta.json records (step, world_size, zero_stage, precision, deepspeed version); {} if absent."""
+    f = Path(path) / META
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def checkpoint_world_size(path: str | Path) -> int:
+    """The number of ranks that wrote a checkpoint: meta.json, else the per-rank RNG files, else the ZeRO
+    partition files, else DeepSpeed's own record (dp_world_size in mp_rank_00_model_states.pt)."""
+    p = Path(path)
+    meta = checkpoint_meta(p)
+    if "world_size" in meta:
+        return int(meta["world_size"])
+    ranks = [f for f in p.iterdir() if RANK_FILE.match(f.name)]
+    if ranks:
+        return len(ranks)
+    partitions = _zero_partition_files(p)
+    if partitions:
+        return len(partitions)
+    states = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return int(states.get("dp_world_size", 1))
+
+
+def _zero_partition_files(path: Path) -> list[Path]:
+    """ZeRO 1-3 optimizer partitions (one per data-parallel rank); not stage 0's bf16_zero_* files."""
+    return sorted(path.glob("zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+
+
+def universal_checkpoint(path: str | Path) -> Path:
+    """The universal-format copy of a ZeRO checkpoint, made on first use. Collective: rank 0 converts (in a
+    subprocess) while the others wait for the directory to appear."""
+    path = Path(path)
+    out = path / UNIVERSAL
+    partial = path / (UNIVERSAL + ".partial")
+    failed = path / (UNIVERSAL + ".failed")
     rank = dist.get_rank()
-    _, client_state = engine.load_checkpoint(str(path.parent), tag=path.name,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+    if rank == 0 and not out.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+        failed.unlink(missing_ok=True)
+    dist.barrier()  # stale markers are gone before anyone looks for them
+    if rank == 0 and not out.is_dir():
+        try:
+            convert_to_universal(path, partial)
+            os.replace(partial, out)
+        except Exception as e:
+            try:  # tell the waiting ranks (a read-only checkpoint directory cannot take the marker either)
+                _write_atomic(failed, f"{type(e).__name__}: {e}")
+            except OSError:
+                pass
+            raise
+    else:
+        deadline = time.monotonic() + CONVERT_TIMEOUT_S
+        while not out.is_dir():  # a file poll, not a collective: the conversion may outlast the timeout
+            if failed.is_file():
+                raise RuntimeError(f"rank 0 could not convert {path} to a universal checkpoint: "
+                                   f"{failed.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no universal checkpoint in {out} after {CONVERT_TIMEOUT_S:.0f} s "
+                                   f"(PIPELINE_UNIVERSAL_TIMEOUT)")
+            time.sleep(0.5)
+    dist.barrier()
+    return out
+
+
+def convert_to_universal(path: Path, out: Path, workers: int | None = None) -> None:
+    """DeepSpeed checkpoint directory -> universal checkpoint directory (DeepSpeed's ds_to_universal)."""
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(out), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
+           "--inject_missing_state"]  # our client state carries no universal_checkpoint_info of its own
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # the converter's pointer file: we name tags ourselves
+    if proc.returncode != 0 or not (out / "zero").is_dir():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        raise RuntimeError(f"ds_to_universal failed on {path} (exit {proc.returncode}): {' | '.join(tail)}")
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Collective. Restores model, optimizer, scheduler and this rank's RNG; returns the client state.
+
+    Works when the checkpoint was written by another number of ranks (see the module docstring); the client
+    state is then the writer's (its `world_size` says how many ranks wrote it). Ranks the writer did not have
+    keep their RNG state."""
+    path = Path(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    saved_world = checkpoint_world_size(path)
+    if saved_world != world and _zero_partition_files(path):
+        load_dir, tag, universal = path, universal_checkpoint(path).name, True
+    elif saved_world != world and any(path.glob("bf16_zero_pp_rank_*_optim_states.pt")):
+        raise RuntimeError(f"{path} holds DeepSpeed's stage-0 bf16 optimizer partitions for {saved_world} ranks; "
+                           f"resuming it on {world} ranks is not supported (use ZeRO 1-3, or {saved_world} ranks)")
+    else:
+        load_dir, tag, universal = path.parent, path.name, False
+
+    config = engine._config  # DeepSpeed has no public switch; its loader reads this flag at load time
+    previous = config.load_universal_checkpoint
+    config.load_universal_checkpoint = universal
+    try:
+        _, client_state = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = previous
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rank_file = path / f"rank_{rank:05d}.pt"

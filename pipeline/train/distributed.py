@@ -1,13 +1,30 @@
-"""Who am I in the job: rank, world size and local rank from any launcher, read before anything starts.
+"""Who am I in the job: rank, world size, local rank and the rendezvous address from any launcher, read before
+anything starts.
 
-torchrun, the DeepSpeed launcher and accelerate set RANK / WORLD_SIZE / LOCAL_RANK; `srun python` sets
-SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID. A plain `python` start is a world of one.
+- torchrun, the DeepSpeed launcher (`deepspeed --module pipeline ...`) and `accelerate launch` set RANK /
+  WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+- `srun python -m pipeline train` (one task per GPU) sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; the
+  rendezvous host is the first node of the step's node list (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST,
+  parsed here: `scontrol` is not needed), the port is derived from SLURM_JOB_ID so every task of a job agrees on
+  it without talking. MASTER_ADDR / MASTER_PORT in the environment win over both.
+- A plain `python` start is a world of one.
+
+Collectives time out after PIPELINE_DIST_TIMEOUT seconds (default 600; DeepSpeed's DEEPSPEED_TIMEOUT, in
+minutes, is honoured when ours is unset): a rank that dies or stalls outside torchrun makes the others fail in
+bounded time instead of hanging for ever.
 """
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+DEFAULT_TIMEOUT_S = 600.0
+SLURM_PORT_BASE = 15000  # derived ports: 15000 + SLURM_JOB_ID % 15000, below Linux's ephemeral range (32768+)
+SLURM_PORT_SPAN = 15000
 
 
 @dataclass(frozen=True)
@@ -16,15 +33,129 @@ class DistEnv:
     world_size: int
     local_rank: int
     launched: bool  # started by a launcher (as opposed to a plain single process)
+    launcher: str = "none"  # torchrun | deepspeed | accelerate | slurm | env (RANK/WORLD_SIZE from elsewhere) | none
+    master_addr: str = ""  # rendezvous host and port ("" / 0: not known, a world of one picks its own)
+    master_port: int = 0
 
 
-def read_dist_env() -> DistEnv:
-    e = os.environ
+def _split_top_level(text: str) -> list[str]:
+    """Splits on commas outside brackets: 'a[1-2,4],b' -> ['a[1-2,4]', 'b']."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in node list {text!r}")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unbalanced '[' in node list {text!r}")
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_range_list(spec: str, nodelist: str) -> list[str]:
+    """'01-03,07' -> ['01', '02', '03', '07'] (zero padding kept, as Slurm does)."""
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        if not m:
+            raise ValueError(f"cannot parse {item!r} in node list {nodelist!r}")
+        lo, hi = m.group(1), m.group(2)
+        if hi is None:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"descending range {item!r} in node list {nodelist!r}")
+        width = len(lo)
+        out.extend(f"{n:0{width}d}" for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a Slurm node list: 'node[01-03,07],gpu-a1' -> node01 node02 node03 node07 gpu-a1.
+
+    Handles several bracket groups in one name ('rack[1-2]-n[1-2]' -> rack1-n1 rack1-n2 rack2-n1 rack2-n2) and
+    suffixes after a bracket ('n[1-2]-ib'). Equivalent to `scontrol show hostnames` for the forms Slurm prints.
+    """
+    hosts: list[str] = []
+    for part in _split_top_level(nodelist):
+        names = [""]
+        for literal, bracket in re.findall(r"([^\[\]]*)(?:\[([^\]]*)\])?", part):
+            if not literal and not bracket:
+                continue
+            names = [n + literal for n in names]
+            if bracket:
+                names = [n + x for n in names for x in _expand_range_list(bracket, nodelist)]
+        hosts.extend(n for n in names if n)
+    if not hosts:
+        raise ValueError(f"empty node list {nodelist!r}")
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    return expand_nodelist(nodelist)[0]
+
+
+def slurm_master_port(job_id: str | int) -> int:
+    """The rendezvous port every task of a job derives alike from its SLURM_JOB_ID (digits of array/het ids)."""
+    digits = re.sub(r"\D", "", str(job_id))
+    if not digits:
+        raise ValueError(f"SLURM_JOB_ID={job_id!r} holds no digits")
+    return SLURM_PORT_BASE + int(digits) % SLURM_PORT_SPAN
+
+
+def _launcher_name(e: Mapping[str, str]) -> str:
+    if any(k.startswith("ACCELERATE_") for k in e):
+        return "accelerate"
+    if "CROSS_RANK" in e and "LOCAL_SIZE" in e:  # deepspeed.launcher.launch
+        return "deepspeed"
+    if "TORCHELASTIC_RUN_ID" in e or "GROUP_RANK" in e:
+        return "torchrun"
+    return "env"
+
+
+def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    e = os.environ if environ is None else environ
     if "RANK" in e and "WORLD_SIZE" in e:
-        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)), True)
+        return DistEnv(int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", 0)), True,
+                       _launcher_name(e), e.get("MASTER_ADDR", ""), int(e.get("MASTER_PORT", 0) or 0))
     if "SLURM_PROCID" in e and "SLURM_NTASKS" in e and int(e["SLURM_NTASKS"]) > 1:
-        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), int(e.get("SLURM_LOCALID", 0)), True)
+        addr = e.get("MASTER_ADDR", "")
+        if not addr:
+            nodelist = e.get("SLURM_STEP_NODELIST") or e.get("SLURM_JOB_NODELIST") or e.get("SLURM_NODELIST")
+            if not nodelist:
+                raise RuntimeError("srun task without SLURM_JOB_NODELIST: set MASTER_ADDR")
+            addr = first_host(nodelist)
+        port = int(e.get("MASTER_PORT", 0) or 0)
+        if not port:
+            if "SLURM_JOB_ID" not in e:
+                raise RuntimeError("srun task without SLURM_JOB_ID: set MASTER_PORT")
+            port = slurm_master_port(e["SLURM_JOB_ID"])
+        local = int(e.get("SLURM_LOCALID", 0))
+        visible = [d for d in e.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if visible and local >= len(visible):  # --gpus-per-task / --gpu-bind: this task sees only its own GPU(s)
+            local %= len(visible)
+        return DistEnv(int(e["SLURM_PROCID"]), int(e["SLURM_NTASKS"]), local, True, "slurm", addr, port)
     return DistEnv(0, 1, 0, False)
+
+
+def collective_timeout(environ: Mapping[str, str] | None = None) -> timedelta:
+    """PIPELINE_DIST_TIMEOUT (seconds), else DEEPSPEED_TIMEOUT (minutes), else 10 minutes."""
+    e = os.environ if environ is None else environ
+    if e.get("PIPELINE_DIST_TIMEOUT"):
+        seconds = float(e["PIPELINE_DIST_TIMEOUT"])
+    elif e.get("DEEPSPEED_TIMEOUT"):
+        seconds = 60.0 * float(e["DEEPSPEED_TIMEOUT"])
+    else:
+        seconds = DEFAULT_TIMEOUT_S
+    if seconds <= 0:
+        raise ValueError(f"PIPELINE_DIST_TIMEOUT must be > 0 seconds, not {seconds:g}")
+    return timedelta(seconds=seconds)
 
 
 def free_port() -> int:
@@ -34,15 +165,41 @@ def free_port() -> int:
 
 
 def init_process_group(env: DistEnv, backend: str) -> None:
-    """Starts torch.distributed through DeepSpeed (which also picks its accelerator)."""
+    """Starts torch.distributed through DeepSpeed (which also picks its accelerator), with a bounded
+    collective timeout (`collective_timeout`)."""
     import deepspeed
 
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_ADDR", env.master_addr or "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        if env.world_size > 1:
+        if env.master_port:
+            os.environ["MASTER_PORT"] = str(env.master_port)
+        elif env.world_size > 1:
             raise RuntimeError("MASTER_PORT is not set; start multi-process runs with torchrun or srun")
-        os.environ["MASTER_PORT"] = str(free_port())
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:
+            os.environ["MASTER_PORT"] = str(free_port())
+    timeout = collective_timeout()
+    if _torchrun_restart() > 0:
+        _init_on_fresh_keys(env, backend, timeout)  # DeepSpeed then adopts the initialised default group
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+
+
+def _torchrun_restart() -> int:
+    """How many times torchrun restarted the worker group (0 on the first attempt or outside torchrun)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return 0
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def _init_on_fresh_keys(env: DistEnv, backend: str, timeout: timedelta) -> None:
+    """After a torchrun restart (--max-restarts) the workers share the agent's store with the failed attempt,
+    whose keys are still there (torch 2.14, --standalone): gloo then dials the dead attempt's addresses and the
+    group never forms. Namespacing the keys by attempt avoids that."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=False, timeout=timeout)
+    prefixed = dist.PrefixStore(f"/pipeline/attempt_{_torchrun_restart()}", store)
+    dist.init_process_group(backend, store=prefixed, rank=env.rank, world_size=env.world_size, timeout=timeout)

@@ -115,9 +115,9 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     resume_from = find_checkpoint(ckpt_root, t.resume)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
-        if state["world_size"] != env.world_size:
-            raise ConfigError(f"checkpoint {resume_from} was written with world_size={state['world_size']}; "
-                              f"this run has {env.world_size}")
+        if state["world_size"] != env.world_size and is_main:  # load_checkpoint converted it (universal)
+            print(f"checkpoint {resume_from} was written by {state['world_size']} ranks; continuing on "
+                  f"{env.world_size} (the data stream continues the epoch where it stopped)", flush=True)
         start_step, position = state["step"], StreamPosition.from_dict(state["data"])
         if state["data"]["epoch_samples"] != epoch_length(shards.counts, shards.sources, spec.weights):
             raise ConfigError(f"checkpoint {resume_from} was trained on data with {state['data']['epoch_samples']} "
@@ -144,69 +144,72 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     step, k = start_step, 0
     loss_sum = torch.zeros((), device=device)
     preemption = PreemptionFlag()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75 (requeue)
-    while step < t.steps:
-        step_keys = []
-        for _ in range(t.grad_accum):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            window_wait += time.perf_counter() - wait_start
-            if batch["index"] != k:
-                raise RuntimeError(f"loader order broken: got batch {batch['index']}, expected {k}")
-            k += 1
-            position = StreamPosition.from_dict(batch["next"])
-            budget.add(batch, t.batch_size)
-            step_keys += batch["keys"]
-            loss, stats = task.loss(engine, batch, device)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach() / t.grad_accum
-        step += 1
-        window_steps += 1
-        samples_seen += t.global_batch_size
-        if keys_log:
-            keys_log.write(step, step_keys)
-
-        if step % t.log_every == 0 or step == t.steps:
-            dist.all_reduce(loss_sum)
-            bad = Counter()
-            for counts in _gather_objects(dict(budget.bad), env.world_size):
-                bad.update(counts)
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step, "loss": loss_sum.item() / env.world_size / window_steps,
-                "lr": engine.get_lr()[0],
-                **{name: float(v) for name, v in stats.items()},
-                "samples_per_s": window_steps * t.global_batch_size / elapsed,
-                "data_wait_frac": window_wait / elapsed,
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "samples_seen": samples_seen,
-                "epoch": position.epoch,
-                "bad_samples": sum(bad.values()),
-                **{f"bad_samples/{reason}": n for reason, n in sorted(bad.items())},
-                "tflops_per_s": window_steps * t.global_batch_size * task.flops_per_sample / elapsed / 1e12,
-            }
-            if metrics:
-                metrics.log(record)
-            loss_sum.zero_()
-            window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
-        if metrics:
-            metrics.advance()
-        preempted = preemption.requested(device if use_cuda else None)  # collective: all ranks stop together
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted:
-            save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last)
-            window_start = time.perf_counter()  # checkpoint time is not training throughput
-        if preempted and step < t.steps:
-            if is_main:  # the marker tells a parent launcher (whose own exit code is torchrun's) what happened
-                (out_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
-                print(f"preempted by a signal: checkpoint step {step} written; exiting with "
-                      f"{PREEMPTION_EXIT_CODE} to be requeued", flush=True)
-            if metrics:
-                metrics.close()
+    try:
+        while step < t.steps:
+            step_keys = []
+            for _ in range(t.grad_accum):
+                wait_start = time.perf_counter()
+                batch = next(batches)
+                window_wait += time.perf_counter() - wait_start
+                if batch["index"] != k:
+                    raise RuntimeError(f"loader order broken: got batch {batch['index']}, expected {k}")
+                k += 1
+                position = StreamPosition.from_dict(batch["next"])
+                budget.add(batch, t.batch_size)
+                step_keys += batch["keys"]
+                loss, stats = task.loss(engine, batch, device)
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.detach() / t.grad_accum
+            step += 1
+            window_steps += 1
+            samples_seen += t.global_batch_size
             if keys_log:
-                keys_log.close()
-            dist.barrier()
-            raise Preempted()
-    preemption.restore()
+                keys_log.write(step, step_keys)
+
+            if step % t.log_every == 0 or step == t.steps:
+                dist.all_reduce(loss_sum)
+                bad = Counter()
+                for counts in _gather_objects(dict(budget.bad), env.world_size):
+                    bad.update(counts)
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": step, "loss": loss_sum.item() / env.world_size / window_steps,
+                    "lr": engine.get_lr()[0],
+                    **{name: float(v) for name, v in stats.items()},
+                    "samples_per_s": window_steps * t.global_batch_size / elapsed,
+                    "data_wait_frac": window_wait / elapsed,
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "samples_seen": samples_seen,
+                    "epoch": position.epoch,
+                    "bad_samples": sum(bad.values()),
+                    **{f"bad_samples/{reason}": n for reason, n in sorted(bad.items())},
+                    "tflops_per_s": window_steps * t.global_batch_size * task.flops_per_sample / elapsed / 1e12,
+                }
+                if metrics:
+                    metrics.log(record)
+                loss_sum.zero_()
+                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+            if metrics:
+                metrics.advance()
+            preempted = preemption.requested(device if use_cuda else None)  # collective: all ranks stop together
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted:
+                save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last)
+                window_start = time.perf_counter()  # checkpoint time is not training throughput
+            if preempted and step < t.steps:
+                if is_main:  # the marker tells a parent launcher (whose own exit code is torchrun's) what happened
+                    (out_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
+                    print(f"preempted by a signal: checkpoint step {step} written; exiting with "
+                          f"{PREEMPTION_EXIT_CODE} to be requeued", flush=True)
+                if metrics:
+                    metrics.close()
+                if keys_log:
+                    keys_log.close()
+                dist.barrier()
+                raise Preempted()
+        preemption.restore()
+    finally:  # loader workers ignore SIGTERM (see loader.py): they must be shut down explicitly
+        getattr(batches, "_shutdown_workers", lambda: None)()  # (single-process iterators have none)
 
     if metrics:
         metrics.close()

@@ -1,0 +1,114 @@
+"""Rank / world / rendezvous from every launcher's environment, Slurm node lists, the collective timeout."""
+from datetime import timedelta
+
+import pytest
+
+from pipeline.train.distributed import (DistEnv, collective_timeout, expand_nodelist, first_host, read_dist_env,
+                                        slurm_master_port)
+
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("localhost", ["localhost"]),
+    ("node[01-04,07]", ["node01", "node02", "node03", "node04", "node07"]),
+    ("gpu[098-101]", ["gpu098", "gpu099", "gpu100", "gpu101"]),
+    ("a1,b[2-3],c", ["a1", "b2", "b3", "c"]),
+    ("n[1-2]-ib", ["n1-ib", "n2-ib"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("dgx-h100-[5]", ["dgx-h100-5"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+    assert first_host(nodelist) == hosts[0]
+
+
+@pytest.mark.parametrize("bad", ["", "n[1-2", "n1]", "n[a-b]", "n[3-1]"])
+def test_expand_nodelist_rejects(bad):
+    with pytest.raises(ValueError):
+        expand_nodelist(bad)
+
+
+def test_slurm_port_is_a_function_of_the_job_id():
+    assert slurm_master_port("4242") == slurm_master_port(4242) == 15000 + 4242
+    assert slurm_master_port(15000 + 7) == 15007
+    assert all(15000 <= slurm_master_port(j) < 30000 for j in range(0, 100000, 997))
+
+
+def test_plain_python_is_a_world_of_one():
+    assert read_dist_env({}) == DistEnv(0, 1, 0, False)
+    # inside an allocation of one task (salloc shell, single-task sbatch): still a world of one
+    assert read_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": "5"}).launched is False
+
+
+def test_torchrun_environment():
+    env = read_dist_env({"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                         "MASTER_ADDR": "node07", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x",
+                         "GROUP_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "4"})  # torchrun under srun
+    assert env == DistEnv(5, 16, 1, True, "torchrun", "node07", 29400)
+
+
+def test_deepspeed_launcher_environment():
+    env = read_dist_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "CROSS_RANK": "1", "CROSS_SIZE": "2",
+                         "LOCAL_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert env == DistEnv(3, 4, 1, True, "deepspeed", "10.0.0.1", 29500)
+
+
+def test_accelerate_environment():
+    env = read_dist_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none", "ACCELERATE_USE_DEEPSPEED": "true"})
+    assert env.launcher == "accelerate" and (env.rank, env.world_size, env.local_rank) == (1, 2, 1)
+
+
+def test_srun_environment_derives_master_from_the_node_list_and_job_id():
+    e = {"SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+         "SLURM_JOB_NODELIST": "gpu[017-020,031]"}
+    assert read_dist_env(e) == DistEnv(9, 16, 1, True, "slurm", "gpu017", 15000 + 123456 % 15000)
+    # the step's node list (a step on part of the allocation) wins over the job's; MASTER_* win over both
+    assert read_dist_env({**e, "SLURM_STEP_NODELIST": "gpu[019-020]"}).master_addr == "gpu019"
+    env = read_dist_env({**e, "MASTER_ADDR": "head", "MASTER_PORT": "1234"})
+    assert (env.master_addr, env.master_port) == ("head", 1234)
+
+
+def test_srun_task_bound_to_one_gpu_uses_it():
+    e = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "5", "SLURM_JOB_ID": "1",
+         "SLURM_JOB_NODELIST": "n1"}
+    assert read_dist_env({**e, "CUDA_VISIBLE_DEVICES": "5"}).local_rank == 0
+    assert read_dist_env({**e, "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"}).local_rank == 5
+    assert read_dist_env(e).local_rank == 5
+
+
+def test_srun_without_node_list_or_job_id_says_what_to_set():
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        read_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "1"})
+    with pytest.raises(RuntimeError, match="MASTER_PORT"):
+        read_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"})
+
+
+def test_collective_timeout():
+    assert collective_timeout({}) == timedelta(minutes=10)
+    assert collective_timeout({"PIPELINE_DIST_TIMEOUT": "45"}) == timedelta(seconds=45)
+    assert collective_timeout({"DEEPSPEED_TIMEOUT": "3"}) == timedelta(minutes=3)
+    assert collective_timeout({"PIPELINE_DIST_TIMEOUT": "7.5", "DEEPSPEED_TIMEOUT": "3"}) == timedelta(seconds=7.5)
+    with pytest.raises(ValueError):
+        collective_timeout({"PIPELINE_DIST_TIMEOUT": "0"})
+
+
+def test_train_verb_accepts_the_deepspeed_launchers_local_rank():
+    from pipeline.__main__ import build_parser
+
+    parser = build_parser()
+    for argv in (["--local_rank=1", "train", "--config", "c.yaml", "a=1"],  # deepspeed --module pipeline ...
+                 ["train", "--config", "c.yaml", "a=1", "--local_rank=1"]):  # a script-style launcher appends it
+        args = parser.parse_args(argv)
+        assert (args.verb, args.config, args.overrides) == ("train", "c.yaml", ["a=1"])
+
+
+def test_torchrun_restart_count(monkeypatch):
+    from pipeline.train.distributed import _torchrun_restart
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert _torchrun_restart() == 0  # not the agent's store: nothing to work around
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    assert _torchrun_restart() == 2
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert _torchrun_restart() == 0

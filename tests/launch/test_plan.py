@@ -1,0 +1,138 @@
+"""The plan verb: exact parameter counts, ZeRO memory arithmetic, the activation formula, warnings, the CLI."""
+import json
+
+import open_clip
+import pytest
+import torch
+
+from conftest import REPO, run_pipeline
+from pipeline.config import ConfigError, load_config
+from pipeline.models.clip import clip_flops_per_sample, create_clip
+from pipeline.plan import (Block, activation_bytes_per_sample, block_bytes, flops_per_sample, gpus_from_args,
+                           meta_model, model_state_bytes, plan_run, towers)
+
+VIT_H14 = REPO / "configs" / "clip" / "vit_h14.yaml"
+VIT_H14_PARAMS = 986_109_441  # sum(p.numel()) of open_clip.create_model("ViT-H-14") allocated on the CPU
+
+
+@pytest.fixture(scope="module")
+def vit_h():
+    return meta_model("ViT-H-14")
+
+
+def test_vit_h14_parameter_count_is_open_clips(vit_h):
+    with torch.device("meta"):
+        theirs = open_clip.create_model("ViT-H-14", pretrained=None, device="meta")
+    assert sum(p.numel() for p in theirs.parameters()) == VIT_H14_PARAMS
+    plan = plan_run(load_config(VIT_H14), 64, model=vit_h)
+    assert plan.params == VIT_H14_PARAMS
+    assert plan.params_image == sum(p.numel() for p in theirs.visual.parameters()) == 632_076_800
+    assert plan.params_image + plan.params_text == VIT_H14_PARAMS
+
+
+def test_small_model_count_matches_a_real_model():
+    model, *_ = create_clip("clip-tiny")
+    plan = plan_run(load_config(REPO / "configs" / "demo" / "clip_tiny.yaml"), 2)
+    assert plan.params == sum(p.numel() for p in model.parameters())
+
+
+def test_towers_and_flops_of_vit_h14(vit_h):
+    image, text = towers(vit_h)
+    assert (len(image.blocks), image.tokens, len(text.blocks), text.tokens) == (32, 257, 24, 77)
+    assert image.blocks[0] == Block(257, 1280, 16, 5120) and text.blocks[0] == Block(77, 1024, 16, 4096)
+    # the trainer's own count, and ~3 x open_clip's 381.7 forward GFLOPs per pair
+    assert flops_per_sample(vit_h) == clip_flops_per_sample(vit_h, 224, 77)
+    assert flops_per_sample(vit_h) / 3 / 1e9 == pytest.approx(381.7, rel=0.01)
+
+
+def test_zero_stage_arithmetic():
+    n, d = 1000, 10
+    assert model_state_bytes(n, 2, 0, d) == (2000, 2000, 12000)  # bf16 params, grads; fp32 master + 2 moments
+    assert model_state_bytes(n, 2, 1, d) == (2000, 2000, 1200)
+    assert model_state_bytes(n, 2, 2, d) == (2000, 200, 1200)
+    assert model_state_bytes(n, 2, 3, d) == (200, 200, 1200)
+    assert model_state_bytes(n, 4, 0, d) == (4000, 4000, 8000)  # fp32: the parameters are the master copy
+
+
+def test_activation_formula():
+    b = Block(tokens=10, width=8, heads=2, mlp_hidden=32)
+    assert block_bytes(b, 2, fused=True) == 2 * 10 * (8 * 8 + 2 * 32) + 4 * 2 * 10
+    assert block_bytes(b, 2, fused=False) == 2 * 10 * (8 * 8 + 2 * 32) + 2 * 2 * 10 * 10
+    # f = 4h, p = 2: Korthikanti's s*h*(34 + 5as/h) without dropout = s*h*(32 + 2as/h)
+    k = Block(tokens=100, width=64, heads=4, mlp_hidden=256)
+    assert block_bytes(k, 2, fused=False) == 100 * 64 * (32 + 2 * 4 * 100 / 64)
+
+    class T:  # two towers of one block each
+        def __init__(self, blocks):
+            self.blocks = blocks
+    ckpt, full = activation_bytes_per_sample([T([b]), T([k])], 2, True)
+    assert full == block_bytes(b, 2, True) + block_bytes(k, 2, True)
+    assert ckpt == 2 * 10 * 8 + 2 * 100 * 64 + block_bytes(k, 2, True)  # inputs + one block recomputed
+
+
+def test_vit_h14_on_64_gpus_fits_with_checkpointing_only(vit_h):
+    plan = plan_run(load_config(VIT_H14), 64, gpu_mem_gb=80, model=vit_h)
+    assert (plan.micro_batch, plan.global_batch, plan.precision) == (1280, 81920, "bf16")
+    s0, s2 = plan.stages[0], plan.stages[2]
+    assert s0.states == pytest.approx(16 * VIT_H14_PARAMS)
+    assert s2.states == pytest.approx(2 * VIT_H14_PARAMS + 14 * VIT_H14_PARAMS / 64)
+    assert all(s.fits_ckpt and not s.fits_full for s in plan.stages)
+    assert s2.max_micro_batch_ckpt >= 1280 > s2.max_micro_batch_full
+    assert plan.warnings == []
+    assert plan.step_time_s == pytest.approx(81920 * plan.flops_per_sample / (64 * 0.4 * 989e12))
+
+
+def test_warning_when_nothing_fits(vit_h):
+    plan = plan_run(load_config(VIT_H14), 8, gpu_mem_gb=80, model=vit_h)  # 10240 pairs per GPU
+    assert len(plan.warnings) == 1 and plan.warnings[0].startswith("WARNING:")
+    assert "does not fit in 80 GiB at any ZeRO stage" in plan.warnings[0]
+    assert "train.grad_accum=" in plan.warnings[0]
+    one_gpu = plan_run(load_config(VIT_H14), 1, gpu_mem_gb=8, model=vit_h)  # 14.7 GiB of states even at ZeRO-3
+    assert "model states alone do not fit" in one_gpu.warnings[0]
+
+
+def test_warning_when_the_configs_choice_does_not_fit(vit_h):
+    cfg = load_config(VIT_H14, ["model.activation_checkpointing=false"])
+    plan = plan_run(cfg, 64, model=vit_h)
+    assert "config's choice (ZeRO-2 without activation checkpointing)" in plan.warnings[0]
+
+
+def test_batch_that_does_not_divide_is_a_config_error(vit_h):
+    with pytest.raises(ConfigError, match="not divisible"):
+        plan_run(load_config(VIT_H14), 7, model=vit_h)
+
+
+def test_gpus_from_nodes():
+    assert gpus_from_args(64, None, None) == 64
+    assert gpus_from_args(None, 4, None) == 32 and gpus_from_args(None, 3, 4) == 12 and gpus_from_args(12, 3, 4) == 12
+    for bad in [(None, None, None), (64, 2, 8), (None, None, 8), (None, 0, 8)]:
+        with pytest.raises(ValueError):
+            gpus_from_args(*bad)
+
+
+def test_plan_serialises(vit_h):
+    data = json.loads(json.dumps(plan_run(load_config(VIT_H14), 64, model=vit_h).to_dict()))
+    assert data["params"] == VIT_H14_PARAMS and len(data["stages"]) == 4 and data["towers"][0]["name"] == "image"
+
+
+def test_cli_prints_the_table_and_the_warning(capsys):  # in-process: a CLI start costs 10-25 s of imports here
+    from pipeline.__main__ import main
+
+    assert main(["plan", "--config", str(VIT_H14), "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gb", "80",
+                 "--mfu", "0.4", "--peak-tflops", "989"]) == 0
+    out = capsys.readouterr().out
+    assert f"{VIT_H14_PARAMS:,} parameters" in out and "on 8 GPUs x 80 GiB" in out
+    table = out[out.index(" ZeRO"):].splitlines()
+    assert [line[:5].strip(" *") for line in table[2:6]] == ["0", "1", "2", "3"]
+    assert table[4].startswith("*")  # the config's stage
+    assert out.splitlines()[-1].startswith("WARNING: ViT-H-14 at 10240 samples per GPU")
+    assert main(["plan", "--config", str(VIT_H14), "--gpus", "7"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "not divisible" in err and len(err.strip().splitlines()) == 1
+    assert main(["plan", "--config", str(VIT_H14)]) == 2 and "--gpus" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_plan_verb_as_a_command():
+    out = run_pipeline("plan", "--config", VIT_H14, "--gpus", "64", "--json").stdout
+    assert json.loads(out)["params"] == VIT_H14_PARAMS
