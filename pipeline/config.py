@@ -95,6 +95,7 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "linear", "multistep"] = "cosine"  # after the linear warmup
     lr_milestones: list[int] = field(default_factory=list)  # multistep: steps where lr *= lr_gamma
     lr_gamma: float = 0.1
+    peak_tflops: float = 0.0  # per-device peak for the MFU metric; 0 = from the GPU's name (H100/H200/A100 bf16)
     layer_decay: float = 1.0  # backbones: layer-wise lr decay (1 = off); lr x decay^(depth - layer)
     seed: int = 0
     log_every: int = 10

@@ -54,6 +54,20 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
             raise ConfigError(f"train.resume: {e}") from None
 
 
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, datasheet
+
+
+def device_peak_tflops(cfg: RunConfig) -> float:
+    """The per-device peak MFU is measured against: train.peak_tflops, else the GPU's datasheet bf16 figure
+    (0 when unknown, e.g. on a CPU: no MFU is reported)."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops
+    if not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+
+
 def fetch_spec(cfg: RunConfig) -> FetchSpec:
     d = cfg.data
     cache = d.cache_dir or os.environ.get("PIPELINE_SHARD_CACHE") or str(Path.home() / ".cache/pipeline/shards")
@@ -133,6 +147,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     metrics = MetricsLog(out_dir, t.steps, start_step, t.progress and is_main) if is_main else None
     keys_log = SampleKeyLog(out_dir, env.rank, start_step) if cfg.data.log_sample_keys else None
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
+    peak_tflops = device_peak_tflops(cfg)
     samples_seen = start_step * t.global_batch_size
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
 
@@ -186,6 +201,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                     **{f"bad_samples/{reason}": n for reason, n in sorted(bad.items())},
                     "tflops_per_s": window_steps * t.global_batch_size * task.flops_per_sample / elapsed / 1e12,
                 }
+                if peak_tflops:  # model FLOPs utilisation: achieved model TFLOP/s per device over its peak
+                    record["mfu"] = record["tflops_per_s"] / env.world_size / peak_tflops
                 if metrics:
                     metrics.log(record)
                 loss_sum.zero_()

@@ -37,8 +37,10 @@ def _export_and_compare(out, tmp_path, expected_keys):
 def test_supervised_vit_trains_evaluates_and_exports_to_timm(demo_data, tmp_path):
     out = tmp_path / "vit"
     records, results = _run(demo_data, "vit_supervised.yaml", out, "train.steps=6", "train.layer_decay=0.75",
-                            "eval.linear_probe_epochs=5")
+                            "eval.linear_probe_epochs=5", "train.peak_tflops=0.5")
     assert [r["step"] for r in records] == list(range(1, 7))
+    for r in records:  # MFU: achieved model TFLOP/s per device (2 ranks) over the stated peak
+        assert r["tflops_per_s"] > 0 and r["mfu"] == pytest.approx(r["tflops_per_s"] / 2 / 0.5)
     assert all(3.0 < r["loss"] < 5.0 for r in records)  # ~ln 40 at the start: 6 steps do not yet learn 40 classes
     assert {"top1", "top5", "knn_top1", "probe_top1"} <= set(results) and results["classes"] == 40
     torch.manual_seed(0)  # the run's seed: the initial weights, which training must have moved
