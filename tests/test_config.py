@@ -63,9 +63,16 @@ def test_cli_rejects_bad_config_before_launching(demo_data, tmp_path, extra, fra
 
 @pytest.mark.parametrize("path", sorted((DEMO_CONFIG.parents[1]).glob("*/*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_config_loads_and_names_a_real_model(path):
+    from pipeline.models.backbone import resolve_backbone
     from pipeline.models.clip import check_model_name
+    from pipeline.models.imagebind import MODALITIES
 
     cfg = load_config(path)
-    check_model_name(cfg.model.name)
+    if cfg.task in ("supervised", "simmim"):
+        resolve_backbone(cfg.model.name, **cfg.model.kwargs)
+    elif cfg.task == "imagebind":  # its towers are another run's export
+        assert cfg.imagebind.modalities and set(cfg.imagebind.modalities) <= set(MODALITIES)
+    else:
+        check_model_name(cfg.model.name)
     resolve_batch(cfg, world_size=8)
     assert cfg.train.global_batch_size == cfg.train.batch_size * 8 * cfg.train.grad_accum
