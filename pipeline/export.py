@@ -21,8 +21,9 @@ from pipeline.train.checkpoint import resolve_checkpoint
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (partitions merged). Parameters the
     optimizer did not hold (frozen towers) come from the module state that rank 0 saved."""
-    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    module = {k: v.float() for k, v in states["module"].items() if v.numel()}
+    model_states = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))  # ZeRO-3 prefixes it with zero_pp_rank_0_
+    states = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    module = {k: v.float() for k, v in states["module"].items() if v.numel()}  # ZeRO-3 leaves empty placeholders
     if any(ckpt.glob("*optim_states.pt")) and any(ckpt.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
