@@ -36,7 +36,6 @@ class RingSigmoidLoss(torch.autograd.Function):
         sizes = [int(s) for s in sizes]
 
         block = y.contiguous()
-        dy_in: torch.Tensor | None = None  # accumulator that arrived with `block`
         dy_pending = None  # (requests, buffer) of the accumulator still in flight
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need else None
