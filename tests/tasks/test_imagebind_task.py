@@ -6,7 +6,6 @@ import torch
 from conftest import REPO, run_pipeline
 
 from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
-from pipeline.export import consolidated_state_dict
 from pipeline.models.clip import create_clip
 from pipeline.train.metrics import read_metrics
 
