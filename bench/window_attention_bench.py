@@ -31,8 +31,9 @@ if not torch.cuda.is_available():  # before the kernel module is imported: jit r
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kernels.window_attention import (LOGIT_SCALE_MAX, _partition, _reverse, bytes_moved, flops,  # noqa: E402
-                                      shift_mask, window_attention, window_attention_reference)
+from kernels.window_attention import (LOGIT_SCALE_MAX, bytes_moved, flops,  # noqa: E402
+                                      shift_mask, window_attention, window_attention_reference, window_merge,
+                                      window_qkv)
 
 HBM_TBPS = 3.0  # measured H100 HBM3 bandwidth (DESIGN.md performance anchors)
 METHODS = ("ours", "compiled", "eager", "sdpa")
@@ -74,16 +75,10 @@ def make_inputs(B, H, W, C, heads, window, dtype, device, v2=True, seed=0):
 def sdpa_attention(qkv, num_heads, window_size, shift_size, bias, logit_scale=None):
     """Roll + partition in torch, then F.scaled_dot_product_attention with the bias and shift mask materialised
     as one (B*nW, heads, N, N) additive mask (V2: normalised q, k and the per-head scale folded into q)."""
-    B, H, W, C3 = qkv.shape
-    C = C3 // 3
-    d = C // num_heads
-    N = window_size[0] * window_size[1]
-    shifted = any(shift_size)
-    if shifted:
-        qkv = torch.roll(qkv, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
-    win = _partition(qkv, window_size)
-    nW = win.shape[1]
-    q, k, v = win.reshape(B * nW, N, 3, num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    B, H, W = qkv.shape[:3]
+    q, k, v = window_qkv(qkv, num_heads, window_size, shift_size)     # B, nW, heads, N, d
+    nW, N, d = q.shape[1], q.shape[3], q.shape[4]
+    q, k, v = (t.flatten(0, 1) for t in (q, k, v))                     # B*nW, heads, N, d (views)
     if logit_scale is None:
         scale = d ** -0.5
     else:
@@ -91,13 +86,11 @@ def sdpa_attention(qkv, num_heads, window_size, shift_size, bias, logit_scale=No
         k = F.normalize(k, dim=-1)
         scale = 1.0
     mask = bias.to(q.dtype)[None, None]                               # 1, 1, heads, N, N
-    if shifted:
+    if any(shift_size):
         mask = mask + shift_mask(H, W, window_size, shift_size, qkv.device, q.dtype)[None, :, None]
     mask = mask.expand(B, nW, num_heads, N, N).reshape(B * nW, num_heads, N, N)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    out = _reverse(out.transpose(1, 2).reshape(B, nW, N, C), window_size, H, W)
-    if shifted:
-        out = torch.roll(out, shifts=shift_size, dims=(1, 2))
+    out = window_merge(out.view(B, nW, num_heads, N, d), window_size, shift_size, H, W)
     return out
 
 

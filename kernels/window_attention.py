@@ -153,27 +153,35 @@ def window_attention_reference(qkv: torch.Tensor, num_heads: int, window_size: t
     """
     window_size, shift_size = tuple(window_size), tuple(shift_size)
     check_shapes(qkv, num_heads, window_size, shift_size, bias, logit_scale)
-    B, H, W, C3 = qkv.shape
-    C = C3 // 3
-    d = C // num_heads
-    N = window_size[0] * window_size[1]
-    shifted = any(shift_size)
-    if shifted:
-        qkv = torch.roll(qkv, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
-    win = _partition(qkv, window_size)                                 # B, nW, N, 3C
-    nW = win.shape[1]
-    q, k, v = win.view(B, nW, N, 3, num_heads, d).permute(3, 0, 1, 4, 2, 5).unbind(0)  # B, nW, heads, N, d
+    H, W = qkv.shape[1:3]
+    q, k, v = window_qkv(qkv, num_heads, window_size, shift_size)     # B, nW, heads, N, d
     if logit_scale is None:
-        attn = (q * d ** -0.5) @ k.transpose(-2, -1)
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     else:
         attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale.view(num_heads, 1, 1), max=LOGIT_SCALE_MAX).exp()
     attn = attn + bias.to(attn.dtype)
-    if shifted:
+    if any(shift_size):
         attn = attn + shift_mask(H, W, window_size, shift_size, qkv.device, attn.dtype)[None, :, None]
-    out = attn.softmax(dim=-1) @ v                                     # B, nW, heads, N, d
-    out = _reverse(out.permute(0, 1, 3, 2, 4).reshape(B, nW, N, C), window_size, H, W)
-    if shifted:
+    return window_merge(attn.softmax(dim=-1) @ v, window_size, shift_size, H, W)
+
+
+def window_qkv(qkv: torch.Tensor, num_heads: int, window_size: tuple[int, int], shift_size: tuple[int, int]):
+    """(B, H, W, 3C) -> q, k, v, each (B, num_windows, heads, N, d): rolled by -shift, then partitioned."""
+    B, C3 = qkv.shape[0], qkv.shape[3]
+    d = C3 // 3 // num_heads
+    if any(shift_size):
+        qkv = torch.roll(qkv, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+    win = _partition(qkv, window_size)                                 # B, nW, N, 3C
+    return win.view(B, win.shape[1], win.shape[2], 3, num_heads, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
+
+
+def window_merge(out: torch.Tensor, window_size: tuple[int, int], shift_size: tuple[int, int], H: int,
+                 W: int) -> torch.Tensor:
+    """Inverse of `window_qkv` for the attention output: (B, nW, heads, N, d) -> (B, H, W, heads * d)."""
+    B, nW, heads, N, d = out.shape
+    out = _reverse(out.permute(0, 1, 3, 2, 4).reshape(B, nW, N, heads * d), window_size, H, W)
+    if any(shift_size):
         out = torch.roll(out, shifts=shift_size, dims=(1, 2))
     return out
 

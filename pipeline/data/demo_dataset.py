@@ -12,6 +12,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -101,21 +102,32 @@ def write_demo_dataset(out_dir: str | Path, train_samples: int = 20000, val_samp
     """Writes `out_dir/train/`, `out_dir/val/` (WebDataset shards with indexes) and `out_dir/classes.json`.
     Returns {"train": pattern, "val": pattern, "classes": path}. Reuses a complete earlier write with the
     same settings."""
-    out = Path(out_dir)
     settings = {"train_samples": train_samples, "val_samples": val_samples, "samples_per_shard": samples_per_shard,
                 "seed": seed, "image_size": image_size}
-    manifest = out / "demo_dataset.json"
+
+    def members(split: str, index: int) -> dict:
+        jpg, caption, label = render_sample(seed, split, index, image_size)
+        return {"jpg": jpg, "txt": caption, "cls": str(label), "json": json.dumps({"split": split, "index": index})}
+
+    return write_demo_splits(out_dir, "demo_dataset.json", settings, samples_per_shard, members)
+
+
+def write_demo_splits(out_dir: str | Path, manifest_name: str, settings: dict, samples_per_shard: int,
+                      members: Callable[[str, int], dict]) -> dict:
+    """Writes the train and val splits (`settings["train_samples"]` / `["val_samples"]` samples, each
+    `members(split, index)`) as indexed shards plus `classes.json`, and the manifest `manifest_name` last, so
+    a complete earlier write with the same settings is reused. Returns {"train", "val", "classes"}."""
+    out = Path(out_dir)
+    manifest = out / manifest_name
     if manifest.is_file():
         previous = json.loads(manifest.read_text())
         if previous.get("settings") == settings:
             return previous["paths"]
     paths = {}
-    for split, count in (("train", train_samples), ("val", val_samples)):
+    for split in ("train", "val"):
         with ShardWriter(out / split, prefix=split, samples_per_shard=samples_per_shard) as w:
-            for i in range(count):
-                jpg, caption, label = render_sample(seed, split, i, image_size)
-                w.write(f"{i:09d}", {"jpg": jpg, "txt": caption, "cls": str(label),
-                                     "json": json.dumps({"split": split, "index": i})})
+            for i in range(settings[f"{split}_samples"]):
+                w.write(f"{i:09d}", members(split, i))
         paths[split] = str(out / split / shard_pattern(split, len(w.shards)))
     (out / "classes.json").write_text(json.dumps({"classes": class_names(), "templates": TEMPLATES}, indent=2))
     paths["classes"] = str(out / "classes.json")

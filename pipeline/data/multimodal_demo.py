@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.demo_dataset import COLOURS, SHAPES, SIZES, SPLIT_IDS, TEMPLATES, class_names, render_sample
-from pipeline.data.shard_writer import ShardWriter, shard_pattern
+from pipeline.data.demo_dataset import COLOURS, SHAPES, SIZES, SPLIT_IDS, render_sample, write_demo_splits
 
 SAMPLE_RATE = 16_000
 AUDIO_SECONDS = 1.0
@@ -128,21 +127,7 @@ def write_multimodal_demo_dataset(out_dir: str | Path, train_samples: int = 2000
     """Writes `out_dir/train/`, `out_dir/val/` (WebDataset shards + indexes, members jpg / txt / cls / json / wav /
     depth.png) and `out_dir/classes.json`. Returns {"train": pattern, "val": pattern, "classes": path}. Reuses a
     complete earlier write with the same settings (`multimodal_demo.json`)."""
-    out = Path(out_dir)
     settings = {"train_samples": train_samples, "val_samples": val_samples, "samples_per_shard": samples_per_shard,
                 "seed": seed, "image_size": image_size, "modalities": ["audio", "depth"], "version": 1}
-    manifest = out / "multimodal_demo.json"
-    if manifest.is_file():
-        previous = json.loads(manifest.read_text())
-        if previous.get("settings") == settings:
-            return previous["paths"]
-    paths = {}
-    for split, count in (("train", train_samples), ("val", val_samples)):
-        with ShardWriter(out / split, prefix=split, samples_per_shard=samples_per_shard) as w:
-            for i in range(count):
-                w.write(f"{i:09d}", render_multimodal_sample(seed, split, i, image_size))
-        paths[split] = str(out / split / shard_pattern(split, len(w.shards)))
-    (out / "classes.json").write_text(json.dumps({"classes": class_names(), "templates": TEMPLATES}, indent=2))
-    paths["classes"] = str(out / "classes.json")
-    manifest.write_text(json.dumps({"settings": settings, "paths": paths}, indent=2))
-    return paths
+    return write_demo_splits(out_dir, "multimodal_demo.json", settings, samples_per_shard,
+                             lambda split, i: render_multimodal_sample(seed, split, i, image_size))
