@@ -22,8 +22,8 @@ What it does, in one run:
      and reports medians: images/s, images/s per worker, images per CPU-second, and the ratios ours / theirs.
 
 Ours: `ShardSet(expand_shards(pattern))`, `ImageTextBatches(shards, LoaderSpec(64, seed=0), transform,
-tokenizer, draft_size=224)` (JPEG draft mode, as training does with data.jpeg_draft=true; `--no-jpeg-draft`
-leaves it out), `make_train_loader(dataset, workers, pin_memory=False)`. Theirs: `open_clip_train.data.
+tokenizer, reduced_decode=True)` (crop-aware reduced-scale JPEG decoding, as training does with
+data.jpeg_draft=true; `--no-jpeg-draft` turns it off), `make_train_loader(dataset, workers, pin_memory=False)`. Theirs: `open_clip_train.data.
 get_wds_dataset(args, transform, is_train=True, tokenizer=tokenizer)` with the arguments open_clip_train's own
 command line would give (train_data = the same brace pattern, train_num_samples = the batches needed,
 dataset_resampled False, world_size 1, seed 0), run in open_clip_train's environment.
@@ -31,7 +31,6 @@ dataset_resampled False, world_size 1, seed 0), run in open_clip_train's environ
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -111,13 +110,8 @@ def ours_loader(a, transform, tokenizer):
     from pipeline.data.loader import ImageTextBatches, LoaderSpec, ShardSet, expand_shards, make_train_loader
 
     shards = ShardSet(expand_shards(a.pattern))
-    extra = {}
-    if a.jpeg_draft:  # what training does with data.jpeg_draft=true (the default): draft_size = model input
-        if "draft_size" not in inspect.signature(ImageTextBatches).parameters:
-            raise SystemExit("ours: this version of ImageTextBatches has no draft_size; use --no-jpeg-draft")
-        extra["draft_size"] = IMAGE_SIZE
     dataset = ImageTextBatches(shards, LoaderSpec(batch_size=a.batch_size, rank=0, world_size=1, seed=0),
-                               transform, tokenizer, **extra)
+                               transform, tokenizer, reduced_decode=a.jpeg_draft)
     return make_train_loader(dataset, a.workers, pin_memory=False)
 
 
@@ -212,8 +206,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="Markdown report (default bench/results/loader_vs_open_clip.md; with --quick "
                         "runs/bench_loader/loader_vs_open_clip-quick.md); '' to skip")
     p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false",
-                   help="ours without JPEG draft-mode decoding (default: with it, draft_size=224, as training "
-                        "does with data.jpeg_draft=true)")
+                   help="ours without reduced-scale JPEG decoding (default: with it, as training does with "
+                        "data.jpeg_draft=true)")
     p.add_argument("--wait-idle", type=int, default=0,
                    help="before each run, wait up to this many seconds for other processes to use less than "
                         "10%% of the CPU (default 0: do not wait)")
@@ -389,11 +383,11 @@ def write_report(a, argv, runs, rows, info, versions, data, transform_repr, tota
              if a.quick else "")
     headline = "; ".join(f"{row['workers']} worker(s): **{row['ratio']:.2f}x** images/s per worker "
                          f"({row['ratio_cpu']:.2f}x images per CPU-second)" for row in rows)
-    draft_line = (f"on (`draft_size={IMAGE_SIZE}`, what training does with `data.jpeg_draft=true`, the default): "
-                  f"a JPEG whose shorter side is at least {2 * IMAGE_SIZE} px is decoded at reduced scale by "
-                  f"libjpeg; {100 * data.get('short_side_ge_2x', float('nan')):.0f}% of these samples "
-                  f"(shorter side {data.get('short_side_min', '?')}-{LONG_SIDE[1]} px, median "
-                  f"{data.get('short_side_median', '?')}). open_clip_train decodes every image at full size"
+    draft_line = (f"on (what training does with `data.jpeg_draft=true`, the default): the crop is drawn from the "
+                  f"JPEG header and the image decoded at 1/2, 1/4 or 1/8 scale when the crop keeps at least "
+                  f"{IMAGE_SIZE} px both ways at that scale (shorter sides here {data.get('short_side_min', '?')}-"
+                  f"{LONG_SIDE[1]} px, median {data.get('short_side_median', '?')}). open_clip_train decodes "
+                  f"every image at full size"
                   if a.jpeg_draft else "off (`--no-jpeg-draft`): full-size decoding, like open_clip_train")
     text = f"""# Loader throughput on real photographs: ours vs open_clip_train's get_wds_dataset (CPU)
 
@@ -425,7 +419,7 @@ Ours / open_clip_train: {headline}.
   ```
 {chr(10).join("  " + ln for ln in transform_repr.splitlines())}
   ```
-- Our loader's JPEG draft mode: {draft_line}
+- Our loader's reduced-scale JPEG decoding: {draft_line}
 - Tokenizer `open_clip.get_tokenizer('{MODEL}')` (context 77); batch {a.batch_size}; OMP_NUM_THREADS=1; DataLoader workers {", ".join(map(str, a.worker_counts))}; the consumer only counts images (no training step, no pinning)
 - Warm-up batches: {", ".join(f"{w} worker(s): {warmup_for(a, w)}" for w in a.worker_counts)}; timed batches: {a.batches}
 - Order of the runs: {", ".join(f"{'ours' if r['label'] == OURS else 'theirs'} w{r['workers']} #{r['repeat']}" for r in runs)}
@@ -445,7 +439,7 @@ Commands of one run each (from the repository root):
 ## Differences between the two loaders (caveats)
 
 - Ours reads each sample by offset through the per-shard index (order shuffled over the whole epoch in blocks of 4096, per-sample seeded augmentation, tokenization once per batch, DataLoader prefetch 4 per worker). open_clip_train streams the tars with webdataset 0.2.x (each worker takes whole shards, 2000-shard shuffle buffer, 5000-sample shuffle buffer filled to 1000 before its first sample, tokenization per sample, collation in the worker, DataLoader prefetch 2).
-- Both decode with Pillow (`Image.open` + convert RGB; webdataset's `pilrgb` decoder) and run the identical torchvision transform; any decoder shortcut in ours (e.g. JPEG draft mode when the source is much larger than the output) is part of what is measured.
+- open_clip_train decodes with Pillow (webdataset's `pilrgb`) and runs the torchvision transform on PIL images. Ours gives the same transform object to `pipeline.data.image_decode.ImageToTensor`, which recognises its steps and runs them on uint8 pixels: libjpeg-turbo decode (simplejpeg), the crop, torch's antialiased bicubic resize (within one grey level of Pillow's, tested), then one multiply-add for ToTensor + Normalize. The random crops are drawn by our own sampler with the same scale and ratio ranges. Reduced-scale decoding is part of what is measured.
 - With 2 workers on a 2-core machine the workers share the cores with the main process, so per-worker images/s fall; the CPU-second column shows the cost per image independent of that.
 """
     a.out.parent.mkdir(parents=True, exist_ok=True)

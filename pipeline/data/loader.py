@@ -25,7 +25,6 @@ shard is ever unpickled.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import signal
@@ -36,25 +35,15 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 import torch
 from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.errors import BadSample, DataError
+from pipeline.data.image_decode import ImageToTensor
 from pipeline.data.remote import PipeSource, is_pipe, resolve_sources
 from pipeline.data.shard_index import ShardMembers, load_or_build_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
-Image.MAX_IMAGE_PIXELS = 12_000 * 12_000  # refuse decompression bombs
-
-
-class DataError(ValueError):
-    """A problem with the data the user pointed at; the message is meant to be shown as is."""
-
-
-class BadSample(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -234,23 +223,6 @@ class LoaderSpec:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
-def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
-    """RGB image. A JPEG much larger than `draft_size` is decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT
-    scaling (PIL's draft mode), never below `draft_size` on the shorter side: far less work for the same
-    pixels after the resize to `draft_size`."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
-            scale = draft_size / min(img.size)
-            img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
-        img.load()
-        return img.convert("RGB")
-    except Image.DecompressionBombError:
-        raise BadSample("image_too_large") from None
-    except Exception:
-        raise BadSample("bad_image") from None
-
-
 def decode_caption(raw: dict[str, bytes]) -> str:
     caption_ext = next((e for e in CAPTION_EXTS if e in raw), None)
     if caption_ext is None:
@@ -280,47 +252,8 @@ def image_member(raw: dict[str, bytes]) -> bytes:
     return raw[ext]
 
 
-def decode_image_caption(raw: dict[str, bytes], draft_size: int | None = None) -> tuple[Image.Image, str]:
-    data = image_member(raw)
-    caption = decode_caption(raw)
-    return decode_image(data, draft_size), caption
-
-
 def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, sample_id]).generate_state(1)[0])
-
-
-class ToNormalizedTensor:
-    """PIL RGB image -> (3, H, W) float32 `(x / 255 - mean) / std` in one pass over the pixels (torchvision's
-    ToTensor then Normalize make two, plus a float intermediate); equal to them within float rounding."""
-
-    def __init__(self, mean, std):
-        self.mean, self.std = tuple(mean), tuple(std)
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.array(img.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-        return torch.addcmul(self.shift, pixels, self.scale).contiguous()
-
-    def __repr__(self) -> str:
-        return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
-
-
-def fuse_to_tensor_normalize(transform: Callable) -> Callable:
-    """A torchvision Compose ending in [ToTensor, Normalize] (open_clip's and timm's transforms) with those two
-    replaced by `ToNormalizedTensor`; any other transform is returned unchanged."""
-    from torchvision.transforms import Compose, Normalize
-
-    steps = getattr(transform, "transforms", None)
-    if not isinstance(transform, Compose) or len(steps) < 2:
-        return transform
-    to_tensor, normalize = steps[-2], steps[-1]
-    if (type(to_tensor).__name__ not in ("ToTensor", "MaybeToTensor") or not isinstance(normalize, Normalize)
-            or len(normalize.mean) != 3):
-        return transform
-    return Compose([*steps[:-2], ToNormalizedTensor(normalize.mean, normalize.std)])
 
 
 class SampleDecoder(Protocol):
@@ -343,13 +276,13 @@ def stack_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 class ImageTextDecoder:
     """jpg/png/webp + txt -> {"images": transformed image, "texts": token ids} (tokenised in the workers)."""
 
-    def __init__(self, transform: Callable, tokenizer: Callable, draft_size: int | None = None):
-        self.transform, self.tokenizer = fuse_to_tensor_normalize(transform), tokenizer
-        self.draft_size = draft_size
+    def __init__(self, transform: Callable, tokenizer: Callable, reduced_decode: bool = True):
+        self.image, self.tokenizer = ImageToTensor(transform, reduced_decode), tokenizer
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
-        img, caption = decode_image_caption(raw, self.draft_size)
-        return {"images": self.transform(img), "texts": caption}
+        data = image_member(raw)
+        caption = decode_caption(raw)
+        return {"images": self.image(data), "texts": caption}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = stack_collate(samples)
@@ -360,13 +293,13 @@ class ImageTextDecoder:
 class ImageLabelDecoder:
     """jpg/png/webp + cls -> {"images", "labels"}; for supervised and masked-image pretraining."""
 
-    def __init__(self, transform: Callable, draft_size: int | None = None):
-        self.transform, self.draft_size = fuse_to_tensor_normalize(transform), draft_size
+    def __init__(self, transform: Callable, reduced_decode: bool = True):
+        self.image = ImageToTensor(transform, reduced_decode)
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
         data = image_member(raw)
         label = decode_label(raw)
-        return {"images": self.transform(decode_image(data, self.draft_size)), "labels": torch.tensor(label)}
+        return {"images": self.image(data), "labels": torch.tensor(label)}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return stack_collate(samples)
@@ -437,9 +370,9 @@ class ShardBatches(IterableDataset):
 
 
 def ImageTextBatches(shards: ShardSet, spec: LoaderSpec, transform: Callable, tokenizer: Callable,
-                     start: StreamPosition = StreamPosition(), draft_size: int | None = None) -> ShardBatches:
+                     start: StreamPosition = StreamPosition(), reduced_decode: bool = True) -> ShardBatches:
     """The image-caption stream (CLIP / SigLIP training)."""
-    return ShardBatches(shards, spec, ImageTextDecoder(transform, tokenizer, draft_size), start)
+    return ShardBatches(shards, spec, ImageTextDecoder(transform, tokenizer, reduced_decode), start)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -458,15 +391,17 @@ def make_train_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> 
 def iterate_eval_samples(shards: ShardSet, transform: Callable, batch_size: int,
                          with_label: bool = False) -> Iterator[tuple[torch.Tensor, list[str], list[int]]]:
     """Every readable sample of `shards` in order, batched: (images, captions, labels). Bad samples are skipped."""
+    image = ImageToTensor(transform)
     images, captions, labels = [], [], []
     for sid in range(shards.total):
         try:
             _, raw = shards.read(sid)
-            img, caption = decode_image_caption(raw)
+            caption = decode_caption(raw)
             label = decode_label(raw) if with_label else -1
+            pixels = image(image_member(raw))
         except (OSError, EOFError, BadSample):
             continue
-        images.append(transform(img))
+        images.append(pixels)
         captions.append(caption)
         labels.append(label)
         if len(images) == batch_size:

@@ -16,7 +16,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from pipeline.data.loader import BadSample, ShardSet, decode_image_caption, expand_shards
+from pipeline.data.image_decode import ImageToTensor
+from pipeline.data.loader import BadSample, ShardSet, decode_caption, expand_shards, image_member
 from pipeline.data.modalities import decode_modality
 from pipeline.eval.zero_shot import class_embeddings, recall_at_k
 
@@ -28,6 +29,7 @@ def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform:
     """Every readable sample in order, batched: (images, captions, modality inputs, labels (-1 if no .cls)).
     Failures are skipped and counted by reason in `bad`."""
     bad = Counter() if bad is None else bad
+    image = ImageToTensor(image_transform)
     images, captions, inputs, labels = [], [], [], []
     count = 0
     for sid in range(shards.total):
@@ -39,7 +41,7 @@ def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform:
             bad["unreadable"] += 1
             continue
         try:
-            img, caption = decode_image_caption(raw)
+            pixels, caption = image(image_member(raw)), decode_caption(raw)
             decoded = decode_modality(raw, modality, **(decode_options or {}))
             x = modality_transform(decoded.value)
         except BadSample as e:
@@ -49,7 +51,7 @@ def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform:
             label = int(raw["cls"].decode()) if "cls" in raw else -1
         except ValueError:
             label = -1
-        images.append(image_transform(img))
+        images.append(pixels)
         captions.append(caption)
         inputs.append(x)
         labels.append(label)

@@ -109,7 +109,8 @@ def extract_features(model, shard_pattern: str, transform, batch_size: int = 256
     """(features (N, D) float32 on CPU, labels (N,)) of every readable sample with an image and a `.cls` label
     in the shards (captions are not needed), in shard order, up to max_samples (0 = all).
     `model` is a backbone (pipeline.models.backbone); call under GatheredParameters with ZeRO-3."""
-    from pipeline.data.loader import BadSample, ShardSet, decode_image, decode_label, expand_shards, image_member
+    from pipeline.data.image_decode import ImageToTensor
+    from pipeline.data.loader import BadSample, ShardSet, decode_label, expand_shards, image_member
     from pipeline.models.backbone import backbone_features
 
     was_training = model.training
@@ -117,6 +118,7 @@ def extract_features(model, shard_pattern: str, transform, batch_size: int = 256
     param = next(model.parameters())
     shards = ShardSet(expand_shards(shard_pattern, key))
     limit = shards.total if max_samples <= 0 else min(max_samples, shards.total)
+    image = ImageToTensor(transform)
     feats, labels, images, batch_labels = [], [], [], []
 
     def flush():
@@ -131,10 +133,10 @@ def extract_features(model, shard_pattern: str, transform, batch_size: int = 256
         try:
             _, raw = shards.read(sid)
             label = decode_label(raw)
-            img = decode_image(image_member(raw))
+            pixels = image(image_member(raw))
         except (OSError, EOFError, BadSample):  # unreadable, no image, no or bad label: skipped, as the loader does
             continue
-        images.append(transform(img))
+        images.append(pixels)
         batch_labels.append(label)
         if len(images) == batch_size:
             flush()

@@ -104,15 +104,17 @@ class MaskedImageDecoder:
     a resumed run draws the same ones (SimMIM also draws its masks in the data pipeline)."""
 
     def __init__(self, transform, grid_hw: tuple[int, int], mask_ratio: float, mask_patch_size: int,
-                 model_patch_size: int, draft_size: int | None = None):
-        self.transform, self.draft_size = transform, draft_size
+                 model_patch_size: int, reduced_decode: bool = True):
+        from pipeline.data.image_decode import ImageToTensor
+
+        self.image = ImageToTensor(transform, reduced_decode)
         self.mask_args = (tuple(grid_hw), mask_ratio, mask_patch_size, model_patch_size)
         random_patch_mask(1, *self.mask_args)  # fail on a bad combination now, not in a worker
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, torch.Tensor]:
-        from pipeline.data.loader import decode_image, image_member
+        from pipeline.data.loader import image_member
 
-        image = self.transform(decode_image(image_member(raw), self.draft_size))
+        image = self.image(image_member(raw))
         return {"images": image, "masks": random_patch_mask(1, *self.mask_args)[0]}
 
     def collate(self, samples: list[dict]) -> dict:
@@ -210,7 +212,8 @@ def evaluate_reconstruction(model: SimMIM, shard_pattern: str, transform, mask_r
     mean of a normalised image, or of a normalised target), "samples"}. Rank 0, full model (gather under
     ZeRO-3). kNN / linear probes of MIM features are weak early in training (they can trail a random
     initialisation on the demo data), so this is the signal that pretraining works."""
-    from pipeline.data.loader import BadSample, ShardSet, decode_image, expand_shards, image_member
+    from pipeline.data.image_decode import ImageToTensor
+    from pipeline.data.loader import BadSample, ShardSet, expand_shards, image_member
 
     was_training = model.training
     model.eval()
@@ -218,6 +221,7 @@ def evaluate_reconstruction(model: SimMIM, shard_pattern: str, transform, mask_r
     shards = ShardSet(expand_shards(shard_pattern, key))
     limit = shards.total if max_samples <= 0 else min(max_samples, shards.total)
     gen = torch.Generator().manual_seed(seed)
+    image = ImageToTensor(transform)
     sums = {"recon_l1": 0.0, "recon_l1_mean_baseline": 0.0}
     count, images = 0, []
 
@@ -237,7 +241,7 @@ def evaluate_reconstruction(model: SimMIM, shard_pattern: str, transform, mask_r
 
     for sid in range(limit):
         try:
-            images.append(transform(decode_image(image_member(shards.read(sid)[1]))))
+            images.append(image(image_member(shards.read(sid)[1])))
         except (OSError, EOFError, BadSample):
             continue
         if len(images) == batch_size:

@@ -56,8 +56,6 @@ class _BackboneTask:
             color_jitter=a.color_jitter, auto_augment=a.auto_augment or None, re_prob=a.re_prob)
         self.eval_transform = backbone_transforms(self.backbone, False,
                                                   **({"crop_pct": a.eval_crop_pct} if a.eval_crop_pct else {}))
-        size = self.backbone.patch_embed.img_size
-        self.draft_size = (size[0] if isinstance(size, (tuple, list)) else size) if cfg.data.jpeg_draft else None
 
     def param_groups(self) -> list[dict]:
         t = self.cfg.train
@@ -88,7 +86,7 @@ class SupervisedTask(_BackboneTask):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg, cfg.model.kwargs)
         self.model = self.backbone
-        self.decoder = ImageLabelDecoder(self.train_transform, self.draft_size)
+        self.decoder = ImageLabelDecoder(self.train_transform, cfg.data.jpeg_draft)
         l = cfg.loss
         self.mix = MixConfig(l.mixup, l.cutmix, l.mix_prob, l.mix_switch_prob, l.label_smoothing)
         self.flops_per_sample = 3 * forward_flops(cfg.model.name, **cfg.model.kwargs)
@@ -118,7 +116,7 @@ class SimMIMTask(_BackboneTask):
         info = self.model.info
         try:
             self.decoder = MaskedImageDecoder(self.train_transform, info.grid_size, s.mask_ratio,
-                                              s.mask_patch_size, info.patch_size, self.draft_size)
+                                              s.mask_patch_size, info.patch_size, cfg.data.jpeg_draft)
         except ValueError as e:
             raise ConfigError(f"simmim: {e}") from None
         self.flops_per_sample = 3 * simmim_forward_flops(cfg.model.name, **cfg.model.kwargs)

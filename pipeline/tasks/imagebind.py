@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.loader import decode_image, expand_shards, image_member, stack_collate
+from pipeline.data.image_decode import ImageToTensor
+from pipeline.data.loader import expand_shards, image_member, stack_collate
 from pipeline.data.modalities import decode_modality, make_modality_transform
 from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
@@ -61,12 +62,12 @@ class ModalityDecoder:
     """image + every configured modality -> {"images", "<modality>": input tensor, "converted": conversions}.
     A sample lacking one of the modalities is skipped (BadSample "missing_<member>") and counted."""
 
-    def __init__(self, image_transform, modality_transforms: dict, decode_options: dict, draft_size: int | None):
-        self.image_transform, self.modality_transforms = image_transform, modality_transforms
-        self.decode_options, self.draft_size = decode_options, draft_size
+    def __init__(self, image_transform, modality_transforms: dict, decode_options: dict, reduced_decode: bool):
+        self.image, self.modality_transforms = ImageToTensor(image_transform, reduced_decode), modality_transforms
+        self.decode_options = decode_options
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
-        out: dict[str, Any] = {"images": self.image_transform(decode_image(image_member(raw), self.draft_size))}
+        out: dict[str, Any] = {"images": self.image(image_member(raw))}
         converted = Counter()
         for m, transform in self.modality_transforms.items():
             decoded = decode_modality(raw, m, **self.decode_options[m])
@@ -91,13 +92,10 @@ class ImageBindTask:
                                                                                 ib.freeze_towers)
         promote_scalar_params(model)
         self.model = model
-        image_size = model.clip.visual.image_size
-        image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
         self.decode_options = {m: _decode_options(cfg, m) for m in ib.modalities}
         transforms = {m: make_modality_transform(m, c, train=True, **self._transform_options(m))
                       for m, c in self.encoder_configs.items()}
-        self.decoder = ModalityDecoder(train_tf, transforms, self.decode_options,
-                                       image_size if cfg.data.jpeg_draft else None)
+        self.decoder = ModalityDecoder(train_tf, transforms, self.decode_options, cfg.data.jpeg_draft)
         self.flops_per_sample = self._flops()
 
     def _transform_options(self, modality: str) -> dict:

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
-                                  FetchSpec, batch_position, decode_image, fuse_to_tensor_normalize, epoch_length, epoch_order,
+                                  FetchSpec, batch_position, epoch_length, epoch_order,
                                   expand_shards, expand_sources, make_train_loader, parse_weights)
 from pipeline.data.shard_writer import ShardWriter
 from pipeline.models.clip import create_clip
@@ -171,18 +171,6 @@ class _FileWriter:
         return (open, (self.path, "w"))
 
 
-def test_jpeg_draft_decodes_large_images_at_reduced_size_never_below_target():
-    big = io.BytesIO()
-    Image.effect_noise((1024, 768), 40).convert("RGB").save(big, format="JPEG", quality=90)
-    assert decode_image(big.getvalue()).size == (1024, 768)
-    assert decode_image(big.getvalue(), draft_size=224).size == (512, 384)  # 1/2: 1/4 would be below 224
-    assert decode_image(big.getvalue(), draft_size=96).size == (128, 96)  # 1/8
-    assert decode_image(big.getvalue(), draft_size=400).size == (1024, 768)  # less than 2x larger: untouched
-    png = io.BytesIO()
-    Image.new("RGB", (1024, 768)).save(png, format="PNG")
-    assert decode_image(png.getvalue(), draft_size=96).size == (1024, 768)  # draft is a JPEG-only path
-
-
 def test_bad_samples_are_skipped_and_counted(tmp_path, clip_parts):
     train_tf, tokenizer = clip_parts
     good = io.BytesIO()
@@ -227,16 +215,3 @@ def test_pipe_sources_are_fetched_and_mixed_with_local_ones(demo_data, tmp_path)
         expand_sources("pipe:sleep 5; cat x", fetch=FetchSpec(str(tmp_path / "cache"), 60, 1))
 
 
-def test_fused_to_tensor_normalize_equals_torchvision(clip_parts):
-    train_tf, _ = clip_parts
-    fused = fuse_to_tensor_normalize(train_tf)
-    assert type(fused.transforms[-1]).__name__ == "ToNormalizedTensor" and len(fused.transforms) == 3
-    for mode in ("RGB", "L"):
-        img = Image.effect_noise((80, 60), 60).convert(mode)
-        torch.manual_seed(0)
-        expected = train_tf(img)
-        torch.manual_seed(0)
-        got = fused(img)
-        assert got.shape == expected.shape and got.is_contiguous()
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    assert fuse_to_tensor_normalize(len) is len  # anything else is left alone

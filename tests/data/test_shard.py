@@ -24,7 +24,8 @@ from PIL import Image
 
 from pipeline.__main__ import main
 from pipeline.data.image_processing import ImageFailure, ImageSettings, process_image
-from pipeline.data.loader import ShardSet, decode_image_caption, expand_shards
+from pipeline.data.image_decode import decode_image
+from pipeline.data.loader import ShardSet, decode_caption, expand_shards, image_member
 from pipeline.data.shard import ShardOptions, run_shard, sanitize_key
 from pipeline.data.shard_index import index_path, load_or_build_index
 from pipeline.data.sources import Columns
@@ -195,7 +196,7 @@ def test_webdataset_and_our_loader_read_the_same_samples(planted):
             raw = ours[r["key"]]
             ext = "png" if "png" in raw else "jpg"
             assert r["sha256"] == hashlib.sha256(raw[ext]).hexdigest()
-            img, caption = decode_image_caption(raw)
+            img, caption = decode_image(image_member(raw)), decode_caption(raw)
             assert (r["width"], r["height"]) == img.size
             meta = json.loads(raw["json"])
             assert (meta["width"], meta["height"], meta["key"]) == (*img.size, r["key"])

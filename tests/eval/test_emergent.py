@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.data.loader import ShardSet, decode_image_caption, expand_shards
+from pipeline.data.image_decode import decode_image
+from pipeline.data.loader import ShardSet, expand_shards, image_member
 from pipeline.data.modalities import AudioTransform, DepthTransform
 from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
 from pipeline.eval.emergent import evaluate_emergent, format_emergent
@@ -51,7 +52,7 @@ def test_perfect_binding_scores_perfectly(setup):
             return self.features[index.long().flatten()]
 
     shards = ShardSet(expand_shards(paths["val"]))
-    images = torch.stack([eval_tf(decode_image_caption(shards.read(i)[1])[0]) for i in range(shards.total)])
+    images = torch.stack([eval_tf(decode_image(image_member(shards.read(i)[1]))) for i in range(shards.total)])
     counter = iter(range(shards.total))  # the "audio" input of sample i is its index
     oracle_model = ImageBindModel(model.clip, {"audio": Oracle(model.encode_image(images))})
     r = evaluate_emergent(oracle_model, "audio", paths["val"], eval_tf, lambda _: torch.tensor([next(counter)]),
