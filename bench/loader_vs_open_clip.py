@@ -107,12 +107,17 @@ def shared_transform_and_tokenizer():
 
 
 def ours_loader(a, transform, tokenizer):
+    import torch
+
     from pipeline.data.loader import ImageTextBatches, LoaderSpec, ShardSet, expand_shards, make_train_loader
 
     shards = ShardSet(expand_shards(a.pattern))
     dataset = ImageTextBatches(shards, LoaderSpec(batch_size=a.batch_size, rank=0, world_size=1, seed=0),
                                transform, tokenizer, reduced_decode=a.jpeg_draft)
-    return make_train_loader(dataset, a.workers, pin_memory=False)
+    # our batches hold uint8 pixels, normalised by the trainer on its device; here the consumer does it on the
+    # CPU, inside the timed window and the CPU count, so both sides deliver the same float32 tensor
+    return make_train_loader(dataset, a.workers, pin_memory=False), (
+        lambda batch: dataset.decoder.image.model_input(batch["images"], "cpu", torch.float32))
 
 
 def theirs_loader(a, transform, tokenizer):
@@ -125,14 +130,11 @@ def theirs_loader(a, transform, tokenizer):
         world_size=1, rank=0, local_rank=0, distributed=False)
     data = get_wds_dataset(args, transform, is_train=True, epoch=0, tokenizer=tokenizer)
     data.set_epoch(0)
-    return data.dataloader
+    return data.dataloader, lambda batch: batch[0]
 
 
-def batch_images(batch) -> tuple[int, int]:
-    """(images, bad samples) of one batch of either loader."""
-    if isinstance(batch, dict):
-        return int(batch["images"].shape[0]), int(sum(batch["bad"].values()))
-    return int(batch[0].shape[0]), 0
+def bad_samples(batch) -> int:
+    return int(sum(batch["bad"].values())) if isinstance(batch, dict) else 0
 
 
 def child_main(a: argparse.Namespace) -> None:
@@ -140,7 +142,7 @@ def child_main(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     transform, tokenizer = shared_transform_and_tokenizer()
-    loader = (ours_loader if a.system == "ours" else theirs_loader)(a, transform, tokenizer)
+    loader, model_input = (ours_loader if a.system == "ours" else theirs_loader)(a, transform, tokenizer)
     me = os.getpid()
     t_start = time.perf_counter()
     images = bad = got = 0
@@ -148,7 +150,8 @@ def child_main(a: argparse.Namespace) -> None:
     shape = None
     for batch in loader:
         got += 1
-        n, b = batch_images(batch)
+        pixels = model_input(batch)
+        n, b = pixels.shape[0], bad_samples(batch)
         if got == a.warmup:  # the window opens when the last warm-up batch has arrived
             t0, (own, below), m0 = time.perf_counter(), _tree_cpu_s(me), _machine_busy_s()
             c0 = (own, below)
@@ -156,7 +159,7 @@ def child_main(a: argparse.Namespace) -> None:
         elif got > a.warmup:
             images += n
             bad += b
-            shape = shape or list((batch["images"] if isinstance(batch, dict) else batch[0]).shape)
+            shape = shape or [*pixels.shape, str(pixels.dtype)]
         if got == a.warmup + a.batches:  # measured here: leaving the loop stops the workers
             t1, (own1, below1), m1 = time.perf_counter(), _tree_cpu_s(me), _machine_busy_s()
             break

@@ -10,7 +10,9 @@ runs them on uint8 pixels instead:
    at that scale. (Only the power-of-two scales have SIMD inverse DCTs; 5/8 or 3/4 decode slower than 1/1.)
 2. Crop + resize run on the uint8 HWC array with torch's vectorised antialiased bicubic/bilinear filter,
    which matches PIL's to within 1 grey level (PIL's 8-bit path is scalar and ~4x slower).
-3. ToTensor + Normalize become one multiply-add into float32.
+3. The result stays uint8: ToTensor + Normalize become one multiply-add into float32 in `model_input`, on
+   the device, after the batch crossed from the loader worker (shared memory), was pinned and copied there,
+   each at a quarter of the float32 bytes.
 
 A pipeline with any other step (colour jitter, RandAugment, random erasing, ...) runs unchanged on a PIL
 image, decoded with PIL's draft mode when the image is at least twice the first step's size.
@@ -62,9 +64,9 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
 
 
 class ToNormalizedTensor:
-    """RGB pixels (PIL image or uint8 (3, H, W) tensor) -> (3, H, W) float32 `(x / 255 - mean) / std` in one
-    pass (torchvision's ToTensor then Normalize make two, plus a float intermediate); equal to them within
-    float rounding."""
+    """RGB pixels (PIL image, or uint8 (..., 3, H, W) tensor on any device) -> float32 `(x / 255 - mean) / std`
+    in one pass (torchvision's ToTensor then Normalize make two, plus a float intermediate); equal to them
+    within float rounding."""
 
     def __init__(self, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
@@ -75,7 +77,7 @@ class ToNormalizedTensor:
     def __call__(self, pixels: Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(pixels, Image.Image):
             pixels = torch.from_numpy(np.array(pixels.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-        return torch.addcmul(self.shift, pixels, self.scale).contiguous()
+        return torch.addcmul(self.shift.to(pixels.device), pixels, self.scale.to(pixels.device)).contiguous()
 
     def __repr__(self) -> str:
         return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
@@ -220,8 +222,10 @@ def _decode_pixels(data: bytes, factor: int) -> np.ndarray:
 
 
 class ImageToTensor:
-    """Image file bytes -> `transform`'s float32 (3, H, W) tensor (raising BadSample). `reduced_decode`: decode
-    JPEGs at a reduced scale when that leaves enough pixels (`data.jpeg_draft`)."""
+    """Image file bytes -> (3, H, W) tensor (raising BadSample): uint8 pixels on the fast path, `transform`'s
+    float32 output on the PIL path. `model_input` turns a batch of either into exactly what `transform` gives
+    (normalised), on the device. `reduced_decode`: decode JPEGs at a reduced scale when that leaves enough
+    pixels (`data.jpeg_draft`)."""
 
     def __init__(self, transform: Callable, reduced_decode: bool = True):
         self.transform, self.reduced_decode = transform, reduced_decode
@@ -236,6 +240,13 @@ class ImageToTensor:
     @property
     def fast(self) -> bool:
         return self.geometry is not None
+
+    def model_input(self, images: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """A batch (or one image) from `__call__` as the model's input: normalised, on `device`, in `dtype`."""
+        images = images.to(device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        return images.to(dtype)
 
     def __call__(self, data: bytes) -> torch.Tensor:
         if not self.fast:
@@ -280,7 +291,7 @@ class ImageToTensor:
                 image = TF.center_crop(image, list(step.size))
             elif torch.rand(1).item() < step.p:
                 image = image.flip(-1)
-        return self.normalize(image)
+        return image
 
     def __repr__(self) -> str:
         path = "fast" if self.fast else "PIL"

@@ -349,7 +349,9 @@ class ShardBatches(IterableDataset):
                 continue
             try:
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.spec.seed, pos.epoch, sid))
+                    # the CPU generator only: torch.manual_seed also queues a lazy seed for every accelerator
+                    # backend, with a stack trace each (~1 ms, as long as the image's whole resize)
+                    torch.default_generator.manual_seed(sample_seed(self.spec.seed, pos.epoch, sid))
                     samples.append(self.decoder.sample(raw))
             except BadSample as e:
                 bad[e.reason] += 1
@@ -405,7 +407,7 @@ def iterate_eval_samples(shards: ShardSet, transform: Callable, batch_size: int,
         captions.append(caption)
         labels.append(label)
         if len(images) == batch_size:
-            yield torch.stack(images), captions, labels
+            yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, labels
             images, captions, labels = [], [], []
     if images:
-        yield torch.stack(images), captions, labels
+        yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, labels

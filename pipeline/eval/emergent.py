@@ -57,10 +57,10 @@ def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform:
         labels.append(label)
         count += 1
         if len(images) == batch_size:
-            yield torch.stack(images), captions, torch.stack(inputs), labels
+            yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, torch.stack(inputs), labels
             images, captions, inputs, labels = [], [], [], []
     if images:
-        yield torch.stack(images), captions, torch.stack(inputs), labels
+        yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, torch.stack(inputs), labels
 
 
 def _topk_accuracy(features: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

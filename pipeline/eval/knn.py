@@ -123,7 +123,7 @@ def extract_features(model, shard_pattern: str, transform, batch_size: int = 256
 
     def flush():
         if images:
-            x = torch.stack(images).to(param.device, param.dtype)
+            x = image.model_input(torch.stack(images), param.device, param.dtype)
             feats.append(backbone_features(model, x).float().cpu())
             labels.extend(batch_labels)
             images.clear()

@@ -229,7 +229,7 @@ def evaluate_reconstruction(model: SimMIM, shard_pattern: str, transform, mask_r
         nonlocal count
         if not images:
             return
-        x = torch.stack(images).to(param.device, param.dtype)
+        x = image.model_input(torch.stack(images), param.device, param.dtype)
         mask = model.make_mask(x.shape[0], mask_ratio, mask_patch_size, gen).to(param.device)
         out = model(x, mask)
         sums["recon_l1"] += out["loss"].item() * x.shape[0]

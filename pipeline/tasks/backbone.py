@@ -93,7 +93,7 @@ class SupervisedTask(_BackboneTask):
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = next(engine.module.parameters()).dtype
-        images, labels = batch["images"].to(device, dtype, non_blocking=True), batch["labels"].to(device)
+        images, labels = self.decoder.image.model_input(batch["images"], device, dtype), batch["labels"].to(device)
         targets = labels
         if self.mix.enabled:  # the mix is a function of the batch's place in the stream: resumes redraw it
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -123,7 +123,7 @@ class SimMIMTask(_BackboneTask):
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = next(engine.module.parameters()).dtype
-        out = engine(batch["images"].to(device, dtype, non_blocking=True), batch["masks"].to(device))
+        out = engine(self.decoder.image.model_input(batch["images"], device, dtype), batch["masks"].to(device))
         return out["loss"], {}
 
     def evaluate(self, model: torch.nn.Module) -> dict:

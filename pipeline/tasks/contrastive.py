@@ -47,7 +47,8 @@ class ContrastiveTask:
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = next(engine.module.parameters()).dtype
-        out = engine(batch["images"].to(device, dtype, non_blocking=True), batch["texts"].to(device, non_blocking=True))
+        out = engine(self.decoder.image.model_input(batch["images"], device, dtype),
+                     batch["texts"].to(device, non_blocking=True))
         loss = contrastive_loss(out, self.cfg)
         stats = {"logit_scale": out["logit_scale"].detach().float().clamp(max=self.cfg.loss.logit_scale_max)}
         if "logit_bias" in out:

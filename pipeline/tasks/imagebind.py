@@ -120,7 +120,7 @@ class ImageBindTask:
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = next(p for p in engine.module.parameters()).dtype
-        images = batch["images"].to(device, dtype, non_blocking=True)
+        images = self.decoder.image.model_input(batch["images"], device, dtype)
         losses, stats = [], {}
         for m in self.ib.modalities:
             out = engine(images, m, batch[m].to(device, dtype, non_blocking=True))

@@ -30,6 +30,10 @@ def _encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:
     return out.getvalue()
 
 
+def _model_input(decoder: ImageToTensor, data: bytes) -> torch.Tensor:
+    return decoder.model_input(decoder(data), "cpu", torch.float32)
+
+
 def _grey_levels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|a - b| of normalised images in units of one 8-bit grey level."""
     return (a - b).abs() * torch.tensor(STD).view(3, 1, 1) * 255
@@ -86,7 +90,9 @@ def test_fast_path_equals_the_pil_transform(transform, image):
     fast = ImageToTensor(tf, reduced_decode=False)
     assert fast.fast
     expected = tf(Image.open(io.BytesIO(data)).convert("RGB"))  # open_clip_train decodes to RGB first too
-    got = fast(data)
+    pixels = fast(data)
+    assert pixels.dtype == torch.uint8  # normalised on the device, a quarter of the bytes to move there
+    got = fast.model_input(pixels[None], "cpu", torch.float32)[0]
     assert got.shape == expected.shape and got.dtype == torch.float32 and got.is_contiguous()
     # torch's uint8 antialiased filters round like PIL's to within one grey level, and rarely differ at all
     diff = _grey_levels(got, expected)
@@ -103,7 +109,7 @@ def test_random_resized_crop_and_flip_equal_pil_on_the_same_box(monkeypatch):
         expected = F.resized_crop(Image.open(io.BytesIO(data)).convert("RGB"), *box, [64, 64],
                                   T.InterpolationMode.BICUBIC)
         expected = F.normalize(F.to_tensor(F.hflip(expected) if p_flip else expected), MEAN, STD)
-        got = ImageToTensor(tf, reduced_decode=False)(data)
+        got = _model_input(ImageToTensor(tf, reduced_decode=False), data)
         assert _grey_levels(got, expected).max() <= 1.001
 
 
@@ -144,9 +150,9 @@ def test_crop_aware_reduced_decode_keeps_the_output_pixels(monkeypatch):
     reduced, full = ImageToTensor(tf), ImageToTensor(tf, reduced_decode=False)
     for seed in range(8):
         torch.manual_seed(seed)
-        a = reduced(data)
+        a = _model_input(reduced, data)
         torch.manual_seed(seed)
-        b = full(data)
+        b = _model_input(full, data)
         diff = _grey_levels(a, b)
         assert diff.mean() < 1.0 and diff.max() < 12  # DCT scaling is a good antialiasing filter
     reduced_factors = factors[0::2]
@@ -171,7 +177,7 @@ def test_other_transforms_run_on_pil_exactly():
         torch.manual_seed(3)
         expected = tf(image)
         torch.manual_seed(3)
-        torch.testing.assert_close(decoder(data), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(_model_input(decoder, data), expected, atol=1e-5, rtol=0)
     assert decode_image(data, 48).size == (75, 55)
     for step in (T.RandomResizedCrop(48, interpolation=T.InterpolationMode.NEAREST), T.RandomErasing()):
         assert not ImageToTensor(T.Compose([T.RandomResizedCrop(48), T.ToTensor(), step])).fast
@@ -192,4 +198,4 @@ def test_bad_and_oversized_images_are_bad_samples(monkeypatch, fast):
     for data in (jpeg, png):
         with pytest.raises(BadSample, match="^image_too_large$"):
             decoder(data)
-    assert math.isfinite(float(decoder(_encode(_photo(32, 24), quality=90)).sum()))
+    assert math.isfinite(float(_model_input(decoder, _encode(_photo(32, 24), quality=90)).sum()))

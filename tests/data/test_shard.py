@@ -196,7 +196,8 @@ def test_webdataset_and_our_loader_read_the_same_samples(planted):
             raw = ours[r["key"]]
             ext = "png" if "png" in raw else "jpg"
             assert r["sha256"] == hashlib.sha256(raw[ext]).hexdigest()
-            img, caption = decode_image(image_member(raw)), decode_caption(raw)
+            img = decode_image(image_member(raw))
+            assert decode_caption(raw)  # every sample keeps its caption
             assert (r["width"], r["height"]) == img.size
             meta = json.loads(raw["json"])
             assert (meta["width"], meta["height"], meta["key"]) == (*img.size, r["key"])

@@ -204,7 +204,7 @@ def test_masked_image_decoder_is_seeded_by_the_loader():
                                                                                       samples[2]["masks"])
     batch = dec.collate(samples)
     assert batch["images"].shape == (3, 3, 64, 64) and batch["masks"].dtype == torch.bool
-    assert torch.isfinite(model(batch["images"], batch["masks"])["loss"])
+    assert torch.isfinite(model(dec.image.model_input(batch["images"], "cpu", torch.float32), batch["masks"])["loss"])
     with pytest.raises(BadSample):
         dec.sample({"txt": b"no image"})
     with pytest.raises(ValueError):
