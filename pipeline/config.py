@@ -29,7 +29,7 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # stop the run when more than this fraction of samples fails to decode
     train_weights: str = ""  # per-source weights for a '::'-joined data.train, e.g. "1::0.5"; "" = all 1
     resampled: bool = False  # draw every epoch with replacement (weights as probabilities); --dataset-resampled
-    jpeg_draft: bool = True  # decode JPEGs >= 2x the model's input size at 1/2..1/8 scale (libjpeg DCT scaling)
+    jpeg_draft: bool = True  # decode JPEGs at 1/2..1/8 scale (libjpeg DCT scaling) when the crop keeps the input size
     cache_dir: str = ""  # node-local cache of `pipe:` shards; "" = $PIPELINE_SHARD_CACHE or ~/.cache/pipeline/shards
     pipe_timeout_s: float = 3600.0  # whole fetch of one `pipe:` shard (0 = no limit)
     pipe_stall_timeout_s: float = 120.0  # a `pipe:` command that sends no byte for this long is killed (0 = off)
