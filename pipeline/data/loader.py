@@ -30,6 +30,7 @@ import os
 import signal
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -54,6 +55,12 @@ class FetchSpec:
     timeout_s: float
     stall_timeout_s: float
     prefetch: int = 4
+
+    @classmethod
+    def for_data(cls, d) -> FetchSpec:
+        """From a DataConfig: data.cache_dir, else $PIPELINE_SHARD_CACHE, else ~/.cache/pipeline/shards."""
+        cache = d.cache_dir or os.environ.get("PIPELINE_SHARD_CACHE") or str(Path.home() / ".cache/pipeline/shards")
+        return cls(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch)
 
 
 def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None) -> list[list[str]]:
@@ -82,9 +89,18 @@ def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None)
     return sources
 
 
-def expand_shards(spec: str, key: str = "data", fetch: FetchSpec | None = None) -> list[str]:
-    """All shards of `spec` as one list of local paths; fails naming `key` if any is missing."""
+def expand_shards(spec: str | list[str], key: str = "data", fetch: FetchSpec | None = None) -> list[str]:
+    """All shards of `spec` as one list of local paths; fails naming `key` if any is missing. A list is
+    taken as paths already expanded (and fetched)."""
+    if isinstance(spec, list):
+        return list(spec)
     return [p for source in expand_sources(spec, key, fetch) for p in source]
+
+
+def local_shards(spec: str, key: str, data) -> list[str]:
+    """`spec`'s shards as local paths, `pipe:` ones fetched into the run's shard cache (`data`: a DataConfig);
+    what evaluation reads, so `data.val` (and the kNN bank from `data.train`) may be object-store URLs too."""
+    return expand_shards(spec, key, FetchSpec.for_data(data))
 
 
 def parse_weights(text: str, num_sources: int, key: str = "data.train_weights") -> tuple[float, ...] | None:

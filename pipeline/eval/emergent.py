@@ -70,7 +70,7 @@ def _topk_accuracy(features: torch.Tensor, class_emb: torch.Tensor, labels: torc
 
 
 @torch.no_grad()
-def evaluate_emergent(model, modality: str, val: str, image_transform: Callable, modality_transform: Callable,
+def evaluate_emergent(model, modality: str, val: str | list[str], image_transform: Callable, modality_transform: Callable,
                       tokenizer: Callable, classes_json: str = "", batch_size: int = 256,
                       recall_at: list[int] = (1, 5, 10), max_samples: int = 0,
                       decode_options: dict | None = None) -> dict:

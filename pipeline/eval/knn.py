@@ -104,7 +104,7 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
 
 
 @torch.no_grad()
-def extract_features(model, shard_pattern: str, transform, batch_size: int = 256, max_samples: int = 0,
+def extract_features(model, shard_pattern: str | list[str], transform, batch_size: int = 256, max_samples: int = 0,
                      key: str = "data.val") -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32 on CPU, labels (N,)) of every readable sample with an image and a `.cls` label
     in the shards (captions are not needed), in shard order, up to max_samples (0 = all).
@@ -148,10 +148,10 @@ def extract_features(model, shard_pattern: str, transform, batch_size: int = 256
 
 
 @torch.no_grad()
-def evaluate_backbone(model, val: str, transform, train: str = "", batch_size: int = 256, knn_k: int = 20,
-                      knn_temperature: float = 0.07, knn_train_samples: int = 10000, probe_epochs: int = 0,
-                      probe_lr: float = 0.1, probe_wd: float = 0.0, probe_batch_size: int = 256,
-                      seed: int = 0) -> dict:
+def evaluate_backbone(model, val: str | list[str], transform, train: str | list[str] = "", batch_size: int = 256,
+                      knn_k: int = 20, knn_temperature: float = 0.07, knn_train_samples: int = 10000,
+                      probe_epochs: int = 0, probe_lr: float = 0.1, probe_wd: float = 0.0,
+                      probe_batch_size: int = 256, seed: int = 0) -> dict:
     """Held-out evaluation of a backbone (rank 0, full model): {"samples", "classes"} and
     - "top1", "top5": its own classifier on `val` (when it has one: num_classes > 0);
     - "knn_top1", "knn_top5" (knn_k > 0) and "probe_top1", "probe_top5" (probe_epochs > 0): frozen pooled features

@@ -29,7 +29,7 @@ def recall_at_k(similarity: torch.Tensor, ks: list[int]) -> dict[int, float]:
 
 
 @torch.no_grad()
-def evaluate(model, transform, tokenizer, val: str, classes_json: str = "", batch_size: int = 256,
+def evaluate(model, transform, tokenizer, val: str | list[str], classes_json: str = "", batch_size: int = 256,
              recall_at: list[int] = (1, 5, 10)) -> dict:
     """Returns {"samples", "zero_shot_top1", "zero_shot_top5", "classes", "i2t_R@k", "t2i_R@k"}."""
     model.eval()

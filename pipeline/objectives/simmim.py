@@ -204,7 +204,7 @@ class SimMIM(nn.Module):
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model: SimMIM, shard_pattern: str, transform, mask_ratio: float, mask_patch_size: int,
+def evaluate_reconstruction(model: SimMIM, shard_pattern: str | list[str], transform, mask_ratio: float, mask_patch_size: int,
                             batch_size: int = 256, max_samples: int = 0, seed: int = 0,
                             key: str = "data.val") -> dict[str, float]:
     """Held-out masked-reconstruction error with masks drawn from `seed` (the same masks at every evaluation):

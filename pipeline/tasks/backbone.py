@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.loader import ImageLabelDecoder, expand_shards
+from pipeline.data.loader import ImageLabelDecoder, expand_shards, local_shards
 from pipeline.models.backbone import (BackboneNameError, backbone_transforms, create_backbone, forward_flops,
                                       load_backbone_weights, resolve_backbone)
 from pipeline.objectives.classification import MixConfig, accuracy_topk, batch_rng, classification_loss, mix_batch
@@ -65,9 +65,11 @@ class _BackboneTask:
         from pipeline.eval.knn import evaluate_backbone, format_backbone_results
 
         cfg, e = self.cfg, self.cfg.eval
+        val, train = local_shards(cfg.data.val, "data.val", cfg.data), local_shards(cfg.data.train, "data.train",
+                                                                                        cfg.data)
 
         def probe(model):
-            return evaluate_backbone(model, cfg.data.val, self.eval_transform, cfg.data.train, e.batch_size,
+            return evaluate_backbone(model, val, self.eval_transform, train, e.batch_size,
                                      e.knn_k, e.knn_temperature, e.knn_train_samples, e.linear_probe_epochs,
                                      e.linear_probe_lr, e.linear_probe_wd, seed=cfg.train.seed)
 
@@ -131,8 +133,9 @@ class SimMIMTask(_BackboneTask):
         if not cfg.data.val:
             return {}
         s = cfg.simmim
-        results = evaluate_reconstruction(model, cfg.data.val, self.eval_transform, s.mask_ratio,
-                                          s.mask_patch_size, cfg.eval.batch_size, seed=cfg.train.seed)
+        val = local_shards(cfg.data.val, "data.val", cfg.data)
+        results = evaluate_reconstruction(model, val, self.eval_transform, s.mask_ratio, s.mask_patch_size,
+                                          cfg.eval.batch_size, seed=cfg.train.seed)
         print(f"eval: held-out masked L1 {results['recon_l1']:.4f} (predicting the mean: "
               f"{results['recon_l1_mean_baseline']:.4f})", flush=True)
         return {**results, **self._evaluate_backbone(model.encoder)}

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.loader import ImageTextDecoder, expand_shards
+from pipeline.data.loader import ImageTextDecoder, expand_shards, local_shards
 from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
@@ -61,7 +61,8 @@ class ContrastiveTask:
         cfg = self.cfg
         if not cfg.data.val:
             return {}
-        results = evaluate(model, self.eval_transform, self.tokenizer, cfg.data.val, cfg.data.classes,
-                           cfg.eval.batch_size, cfg.eval.recall_at)
+        val = local_shards(cfg.data.val, "data.val", cfg.data)
+        results = evaluate(model, self.eval_transform, self.tokenizer, val, cfg.data.classes, cfg.eval.batch_size,
+                           cfg.eval.recall_at)
         print("eval: " + format_results(results), flush=True)
         return results

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.loader import expand_shards, image_member, stack_collate
+from pipeline.data.loader import expand_shards, image_member, local_shards, stack_collate
 from pipeline.data.modalities import decode_modality, make_modality_transform
 from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
@@ -137,10 +137,10 @@ class ImageBindTask:
         cfg = self.cfg
         if not cfg.data.val:
             return {}
-        results = {}
+        results, val = {}, local_shards(cfg.data.val, "data.val", cfg.data)
         for m, enc_cfg in self.encoder_configs.items():
             transform = make_modality_transform(m, enc_cfg, train=False, **self._transform_options(m))
-            r = evaluate_emergent(model, m, cfg.data.val, self.eval_transform, transform, self.tokenizer,
+            r = evaluate_emergent(model, m, val, self.eval_transform, transform, self.tokenizer,
                                   cfg.data.classes, cfg.eval.batch_size, cfg.eval.recall_at,
                                   decode_options=self.decode_options[m])
             print(f"eval {m}: " + format_emergent(r), flush=True)

@@ -7,7 +7,6 @@ model and loss (e.g. pipeline/tasks/contrastive.py) -> DeepSpeed step (pipeline/
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -68,12 +67,6 @@ def device_peak_tflops(cfg: RunConfig) -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
 
 
-def fetch_spec(cfg: RunConfig) -> FetchSpec:
-    d = cfg.data
-    cache = d.cache_dir or os.environ.get("PIPELINE_SHARD_CACHE") or str(Path.home() / ".cache/pipeline/shards")
-    return FetchSpec(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -121,7 +114,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     task = build_task(cfg)
     engine, _ = build_engine(task.model, cfg, env.world_size, task.param_groups())
 
-    sources = expand_sources(cfg.data.train, "data.train", fetch_spec(cfg))
+    sources = expand_sources(cfg.data.train, "data.train", FetchSpec.for_data(cfg.data))
     shards = ShardSet.from_sources(sources)
     spec = LoaderSpec(t.batch_size, env.rank, env.world_size, t.seed, cfg.data.shuffle_block,
                       parse_weights(cfg.data.train_weights, len(sources)), cfg.data.resampled)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
                                   FetchSpec, batch_position, epoch_length, epoch_order,
-                                  expand_shards, expand_sources, make_train_loader, parse_weights)
+                                  expand_shards, expand_sources, local_shards, make_train_loader, parse_weights)
 from pipeline.data.shard_writer import ShardWriter
 from pipeline.models.clip import create_clip
 
@@ -215,3 +215,22 @@ def test_pipe_sources_are_fetched_and_mixed_with_local_ones(demo_data, tmp_path)
         expand_sources("pipe:sleep 5; cat x", fetch=FetchSpec(str(tmp_path / "cache"), 60, 1))
 
 
+
+
+def test_evaluation_reads_pipe_shards_through_the_run_cache(demo_data, tmp_path):
+    from pipeline.config import DataConfig
+    from pipeline.eval.knn import extract_features
+    from pipeline.models.backbone import backbone_transforms, create_backbone
+
+    local = expand_shards(demo_data["val"])
+    data = DataConfig(cache_dir=str(tmp_path / "cache"))
+    fetched = local_shards(f"pipe:cat {local[0]}", "data.val", data)
+    assert Path(fetched[0]).parent == tmp_path / "cache" and expand_shards(fetched) == fetched
+    assert local_shards(demo_data["val"], "data.val", data) == local  # local shards are not copied
+    torch.manual_seed(0)
+    model = create_backbone("demo_vit")
+    transform = backbone_transforms(model, train=False)
+    feats, labels = extract_features(model, fetched, transform, batch_size=32)
+    expected, expected_labels = extract_features(model, demo_data["val"], transform, batch_size=32)
+    assert feats.shape[0] == 80 and torch.equal(labels, expected_labels)
+    torch.testing.assert_close(feats, expected)
