@@ -183,9 +183,9 @@ def _fast_steps(transform: Callable) -> tuple[list, ToNormalizedTensor] | None:
             if (interpolation not in _FAST_INTERPOLATIONS or step.max_size is not None
                     or getattr(step, "antialias", True) is False):
                 return None
-            size = step.size if isinstance(step.size, int) else _hw(step.size)
-            if isinstance(step.size, (list, tuple)) and len(step.size) == 1:
-                size = step.size[0]
+            size = step.size  # an int or a 1-sequence: the shorter side (torchvision's convention)
+            if not isinstance(size, int):
+                size = size[0] if len(size) == 1 else _hw(size)
             geometry.append(_Resize(size, interpolation))
         elif name == "CenterCrop" and not tensor_seen:
             geometry.append(_CenterCrop(_hw(step.size)))
