@@ -208,18 +208,30 @@ def _draft_factor(height: int, width: int, need_h: float, need_w: float) -> int:
     return 1
 
 
-def _decode_pixels(data: bytes, factor: int) -> np.ndarray:
-    """(H, W, 3) uint8 RGB at 1/`factor` scale (JPEG only; other formats and factor 1 at full size)."""
-    if data.startswith(_JPEG_MAGIC):
-        try:
-            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
-            _check_pixels(width, height)
-            if colorspace in ("YCbCr", "Gray"):  # CMYK / YCCK: PIL's conversion, as open_clip would see it
+def _jpeg_header(data: bytes) -> tuple[int, int, str] | None:
+    """(height, width, colorspace) of a JPEG whose header libjpeg reads; None for anything else (PIL decides)."""
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return height, width, colorspace
+
+
+def _decode_pixels(data: bytes, header: tuple[int, int, str] | None, factor: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, at 1/`factor` scale for a JPEG with `header` (`_jpeg_header`); anything else at
+    full size."""
+    if header is not None:
+        height, width, colorspace = header
+        _check_pixels(width, height)
+        if colorspace in ("YCbCr", "Gray"):  # CMYK / YCCK: PIL's conversion, as open_clip would see it
+            try:
                 # libjpeg picks the smallest M/8 scale whose size is at least min_height x min_width
                 return simplejpeg.decode_jpeg(data, "RGB", min_height=math.ceil(height / factor),
                                               min_width=math.ceil(width / factor))
-        except ValueError:
-            pass  # damage libjpeg is strict about: PIL decides
+            except ValueError:
+                pass  # damage libjpeg is strict about: PIL decides
     return np.array(decode_image(data))
 
 
@@ -263,17 +275,15 @@ class ImageToTensor:
     def _decode_fast(self, data: bytes) -> torch.Tensor:
         first = self.geometry[0] if self.geometry else None
         box, factor = None, 1
-        if self.reduced_decode and isinstance(first, (_RandomResizedCrop, _Resize)) and data.startswith(_JPEG_MAGIC):
-            try:
-                height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            except ValueError:
-                raise BadSample("bad_image") from None
+        header = _jpeg_header(data)  # read once: for the crop and the decode scale, and by the decoder
+        if self.reduced_decode and isinstance(first, (_RandomResizedCrop, _Resize)) and header is not None:
+            height, width, _ = header
             if isinstance(first, _RandomResizedCrop):
                 box = first.box(height, width)
                 factor = _draft_factor(box[2], box[3], *first.size)
             else:
                 factor = _draft_factor(height, width, *first.output_hw(height, width))
-        pixels = _decode_pixels(data, factor)
+        pixels = _decode_pixels(data, header, factor)
         if box is not None and factor > 1 and pixels.shape[0] < height:
             # pixel i of a 1/f decode covers source pixels [i*f, (i+1)*f): snapping the crop's edges to that grid
             # moves them by less than f/2 source pixels (a crop as random as the one drawn) and keeps it exact

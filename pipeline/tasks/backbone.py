@@ -65,8 +65,8 @@ class _BackboneTask:
         from pipeline.eval.knn import evaluate_backbone, format_backbone_results
 
         cfg, e = self.cfg, self.cfg.eval
-        val, train = local_shards(cfg.data.val, "data.val", cfg.data), local_shards(cfg.data.train, "data.train",
-                                                                                        cfg.data)
+        val = local_shards(cfg.data.val, "data.val", cfg.data)
+        train = local_shards(cfg.data.train, "data.train", cfg.data)  # the kNN bank
 
         def probe(model):
             return evaluate_backbone(model, val, self.eval_transform, train, e.batch_size,

@@ -138,7 +138,7 @@ def test_crop_aware_reduced_decode_keeps_the_output_pixels(monkeypatch):
     tf = open_clip.image_transform(96, is_train=True, mean=MEAN, std=STD)  # scale (0.9, 1.0)
     factors = []
     decode = image_decode._decode_pixels
-    monkeypatch.setattr(image_decode, "_decode_pixels", lambda d, f: factors.append(f) or decode(d, f))
+    monkeypatch.setattr(image_decode, "_decode_pixels", lambda d, h, f: factors.append(f) or decode(d, h, f))
     draws = []
     box = image_decode._RandomResizedCrop.box
 
