@@ -89,6 +89,13 @@ class Job:
                 raise AssertionError(f"job still running after {timeout:.0f} s:\n{logs}") from None
         return [p.returncode for p in self.procs]
 
+    def exit_code(self, proc: subprocess.Popen, timeout: float, what: str) -> int:
+        """`proc`'s exit code; an AssertionError carrying every log if it runs longer than `timeout`."""
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{what} still running {timeout:.0f} s later:\n{self.logs()}") from None
+
     def descendants(self) -> list[psutil.Process]:
         out = []
         for p in self.procs:
