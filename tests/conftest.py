@@ -14,12 +14,20 @@ DEMO_CONFIG = REPO / "configs" / "demo" / "clip_tiny.yaml"
 
 
 def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run by default where CUDA is present and are skipped (with the reason) where it is not."""
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> torch.device:
+    """Where the Triton kernels under test run: the GPU when there is one, else the CPU under TRITON_INTERPRET=1.
+    Every kernel test builds its tensors here, so one suite serves both machines."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @pytest.fixture(scope="session")
