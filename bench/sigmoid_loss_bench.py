@@ -1,11 +1,12 @@
 """Sigmoid-loss benchmark: ours vs open_clip's SigLipLoss (the eager n x n reference) vs our tiled path.
 
-On a GPU: forward, backward and forward+backward time (triton.testing.do_bench, median) and peak memory for
-n in {4k, 16k, 64k} x d in {768, 1152}, bf16, with the 3-GEMM FLOP floor at the measured H100 matmul rate.
+On a GPU: forward (with and without autograd), backward and forward+backward time (triton.testing.do_bench,
+median) and peak memory for n in {4k, 16k, 64k} x d in {768, 1152}, bf16, with the 3-GEMM FLOP floor at the bf16
+matmul rate measured in the same run. Rows are printed and appended to --out as they finish.
 On the CPU: peak memory (resident-set growth measured in a fresh process per case) and time at small n, fp32.
 
     python bench/sigmoid_loss_bench.py                 # CPU: n = 4096, 16384; d = 768
-    python bench/sigmoid_loss_bench.py --device cuda   # the full GPU table
+    python bench/sigmoid_loss_bench.py --device cuda --out rows.jsonl   # the full GPU table
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-H100_MATMUL_TFLOPS = 795.0  # measured bf16 dense matmul rate (DESIGN.md performance anchors)
-METHODS = ("ours", "tiled", "open_clip")
+METHODS = ("ours", "tiled", "open_clip")  # the CPU table
+GPU_METHODS = ("ours", "ours_bf16_logits", "open_clip", "tiled")
 
 
 def _inputs(n: int, d: int, device: str, dtype: torch.dtype):
@@ -45,7 +46,7 @@ def _loss_fn(method: str):
         return lambda x, y, scale, bias: loss(x, y, scale, bias)
     from kernels.sigmoid_loss import sigmoid_loss
 
-    impl = "auto" if method == "ours" else "tiled"
+    impl = "tiled" if method == "tiled" else "auto"
     return lambda x, y, scale, bias: sigmoid_loss(x, y, scale.log(), bias, impl=impl)
 
 
@@ -85,39 +86,77 @@ def run_cpu(sizes: list[int], d: int) -> list[dict]:
     return rows
 
 
-def run_gpu(sizes: list[int], dims: list[int]) -> list[dict]:
+GPU_CAPS = {"tiled": 4096}  # largest n per method on the GPU: the tiled path is the CPU's, slow at scale
+
+
+def matmul_tflops(device: str = "cuda") -> float:
+    """bf16 dense matmul rate measured now (8192^3, median): the floor's denominator."""
     import triton.testing
 
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def gpu_case(method: str, n: int, d: int, tflops: float) -> dict:
+    import triton.testing
+
+    import kernels.sigmoid_loss as sl
+
+    sl.LOGITS_FP32 = method != "ours_bf16_logits"
+    fn = _loss_fn(method)
+    row = {"method": method, "n": n, "d": d, "floor_ms": 3 * 2.0 * n * n * d / (tflops * 1e12) * 1e3}
+    try:
+        x, y, scale, bias = _inputs(n, d, "cuda", torch.bfloat16)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = fn(x, y, scale, bias)
+        loss.backward()
+        torch.cuda.synchronize()
+        row["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20  # x.grad and y.grad included
+        row["loss"] = loss.item()
+
+        def fwd_bwd():
+            x.grad = y.grad = scale.grad = bias.grad = None
+            fn(x, y, scale, bias).backward()
+
+        with torch.no_grad():  # the loss alone, as an evaluation pass computes it
+            row["fwd_nograd_ms"] = triton.testing.do_bench(lambda: fn(x, y, scale, bias), return_mode="median")
+        row["fwd_ms"] = triton.testing.do_bench(lambda: fn(x, y, scale, bias), return_mode="median")
+        row["total_ms"] = triton.testing.do_bench(fwd_bwd, return_mode="median")
+        row["bwd_ms"] = row["total_ms"] - row["fwd_ms"]
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    finally:
+        sl.LOGITS_FP32 = True
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_gpu(sizes: list[int], dims: list[int], methods: list[str], out: Path | None) -> list[dict]:
+    """Row by row: each finished case is printed and appended to `out` (JSON lines) at once, so a timeout
+    loses only the case that was running."""
+    tflops = matmul_tflops()
+    header = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "matmul_tflops": round(tflops, 1),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    print(json.dumps(header), flush=True)
+    if out:
+        out.write_text(json.dumps(header) + "\n")
     rows = []
     for d in dims:
         for n in sizes:
-            for method in METHODS:
-                fn = _loss_fn(method)
-                try:
-                    x, y, scale, bias = _inputs(n, d, "cuda", torch.bfloat16)
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    base = torch.cuda.memory_allocated()
-                    loss = fn(x, y, scale, bias)
-                    loss.backward()
-                    torch.cuda.synchronize()
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    fwd = triton.testing.do_bench(lambda: fn(x, y, scale, bias), return_mode="median")
-
-                    def fwd_bwd():
-                        x.grad = y.grad = scale.grad = bias.grad = None
-                        fn(x, y, scale, bias).backward()
-
-                    total = triton.testing.do_bench(fwd_bwd, return_mode="median")
-                    row = {"method": method, "n": n, "d": d, "loss": loss.item(), "fwd_ms": fwd,
-                           "bwd_ms": total - fwd, "total_ms": total, "peak_mib": peak}
-                except torch.OutOfMemoryError:
-                    row = {"method": method, "n": n, "d": d, "oom": True}
-                    torch.cuda.empty_cache()
-                floor_ms = 3 * 2.0 * n * n * d / (H100_MATMUL_TFLOPS * 1e12) * 1e3
-                row["floor_ms"] = floor_ms
+            for method in methods:
+                if n > GPU_CAPS.get(method, n):
+                    continue
+                row = gpu_case(method, n, d, tflops)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                if out:
+                    with out.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
     return rows
 
 
@@ -132,14 +171,19 @@ def table(rows: list[dict], device: str) -> str:
             lines.append(f"| {r['n']} | {r['d']} | {r['method']} | {r['loss']:.6f} | {r['peak_mib']:.1f} | "
                          f"{ratio:.1f}x less | {r['seconds']:.2f} |")
     else:
-        lines.append("| n | d | method | fwd (ms) | bwd (ms) | fwd+bwd (ms) | floor (ms) | peak (MiB) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| n | d | method | fwd+bwd (ms) | vs open_clip | fwd (ms) | bwd (ms) | loss only, no grad (ms) | "
+                     "3-GEMM floor (ms) | peak (MiB) | loss |")
+        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r.get("oom"):
-                lines.append(f"| {r['n']} | {r['d']} | {r['method']} | OOM | | | {r['floor_ms']:.2f} | |")
-            else:
-                lines.append(f"| {r['n']} | {r['d']} | {r['method']} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
-                             f"{r['total_ms']:.2f} | {r['floor_ms']:.2f} | {r['peak_mib']:.0f} |")
+                lines.append(f"| {r['n']} | {r['d']} | {r['method']} | OOM | | | | | {r['floor_ms']:.2f} | | |")
+                continue
+            ref = next((o for o in rows if o["method"] == "open_clip" and o["n"] == r["n"] and o["d"] == r["d"]
+                        and not o.get("oom")), None)
+            ratio = f"{ref['total_ms'] / r['total_ms']:.2f}x" if ref else "-"
+            lines.append(f"| {r['n']} | {r['d']} | {r['method']} | {r['total_ms']:.2f} | {ratio} | {r['fwd_ms']:.2f} | "
+                         f"{r['bwd_ms']:.2f} | {r['fwd_nograd_ms']:.2f} | {r['floor_ms']:.2f} | {r['peak_mib']:.0f} | "
+                         f"{r['loss']:.6f} |")
     return "\n".join(lines)
 
 
@@ -148,12 +192,15 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=None)
     p.add_argument("--dims", type=int, nargs="+", default=None)
+    p.add_argument("--methods", nargs="+", default=None, choices=GPU_METHODS, help="GPU methods (default all)")
+    p.add_argument("--out", type=Path, default=None, help="GPU: append each row here as a JSON line when it finishes")
     p.add_argument("--json", default="", help="also write the raw rows here")
     args = p.parse_args()
     if args.device == "cpu":
         rows = run_cpu(args.sizes or [4096, 16384], (args.dims or [768])[0])
     else:
-        rows = run_gpu(args.sizes or [4096, 16384, 65536], args.dims or [768, 1152])
+        rows = run_gpu(args.sizes or [4096, 16384, 65536], args.dims or [768, 1152], args.methods or list(GPU_METHODS),
+                       args.out)
     print(table(rows, args.device))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

@@ -9,14 +9,18 @@ With g_ij = (sigmoid(z_ij) - [positive]) / n:  dX = t G Y,  dY = t G^T X,  dt' =
 
 Three implementations of one contract, `loss_and_grads(x, y, t_prime, bias, has_positives)`:
 - `reference`: the formula above with the full logit matrix (tests only).
-- `tiled`: PyTorch over (rows x columns) tiles; memory is linear in n + m. Used on the CPU and as fallback.
-- `triton`: two kernels that never hold more than one logit tile per program. The first walks the columns for a
-  block of rows (loss, dX, dt', db), the second walks the rows for a block of columns (dY); both recompute the
-  tile's logits instead of storing them, and sum in a fixed order, so results are deterministic.
+- `tiled`: PyTorch over small (rows x columns) tiles; memory is linear in n + m. The CPU path.
+- `blocks`: the GPU path, at the FLOP floor of three GEMMs. For each block of R rows: the logits S = X_R Y^T
+  (cuBLAS, fp32 result), one Triton elementwise pass that turns S into the coefficients t (sigmoid(z) - [pos])
+  and per-row partial sums of the loss, dt' and db, then dX_R = G Y and dY += G^T X_R (cuBLAS, dY accumulated in
+  fp32). R is sized so that one block's logits and coefficients stay under BLOCK_BYTES. A fused single pass in
+  the style of FlashAttention would recompute the logits for dY (and at d = 768 its accumulators do not fit in
+  registers); chunking by rows does each GEMM once. Sums run in a fixed order: results are deterministic.
+  Under TRITON_INTERPRET=1 the same path runs on the CPU (fp32 / fp16) for the tests.
 
 The gradients are computed in the forward pass (the loss is a scalar: backward only scales them), which
 saves a second pass over the logits; `torch.no_grad()` callers skip the gradient work. `sigmoid_loss` is the
-one entry point models call; it picks Triton on a GPU and the tiled path elsewhere.
+one entry point models call; it picks the block path on a GPU and the tiled path elsewhere.
 """
 from __future__ import annotations
 
@@ -26,13 +30,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional at import time: CPU-only installs fall back to the tiled path
+try:  # Triton is optional at import time: CPU-only installs use the tiled path
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
 
-Impl = Literal["auto", "triton", "tiled", "reference"]
+Impl = Literal["auto", "blocks", "tiled", "reference"]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -85,136 +89,113 @@ def _tiled_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: 
     return loss / n, dx, dy, dt, db
 
 
-# ----------------------------------------------------------------------------------------------- triton
+# ----------------------------------------------------------------------------------------------- blocks
+# The GPU path does the floor's FLOPs: per block of R rows, three GEMMs on cuBLAS and one fused elementwise pass.
+# The logits of a block are kept (fp32) between its GEMM and the pass; R is sized so that the block's logits and
+# coefficients fit a fixed budget, which bounds the extra memory at any n (1.5 GB at n = m = 65,536).
+BLOCK_BYTES = 768 * 2**20  # logits + coefficients of one row block
+LOGITS_FP32 = True  # False: the logits GEMM writes x's dtype (half the logit bytes; bench/sigmoid_loss_bench.py)
+ROW_ALIGN = 128  # R is a multiple of this (cuBLAS tiles), unless the whole of x is one block
+
 if triton is not None:
 
     @triton.jit
-    def _logit_tile(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, BLOCK_N: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
-        """s = x[rows] . y[cols]^T over the full embedding dimension, fp32 accumulation."""
-        s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for k0 in range(0, d, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xt = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=(rows[:, None] < n) & (ks[None, :] < d),
-                         other=0.0)
-            yt = tl.load(y_ptr + cols[:, None] * stride_y + ks[None, :], mask=(cols[:, None] < m) & (ks[None, :] < d),
-                         other=0.0)
-            if IEEE:
-                s += tl.dot(xt, tl.trans(yt), input_precision="ieee")
-            else:
-                s += tl.dot(xt, tl.trans(yt))
-        return s
-
-    @triton.jit
-    def _grad_tile(s, rows, cols, n, m, t, b, HAS_POS: tl.constexpr):
-        """(sigmoid(z) - [positive], -log_sigmoid(label z)) of one tile, zero outside the matrix. The 1/n of g
-        is applied once at the end: g itself is in [-1, 1], safe to round to fp16/bf16 for the gradient dots."""
+    def _coefficients_kernel(s_ptr, g_ptr, part_ptr, tp_ptr, b_ptr, row0, n, m, stride_s, stride_g, n_chunks,
+                             HAS_POS: tl.constexpr, NEED_GRADS: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (row r of the block, column chunk c): from s = <x_i, y_j> (i = row0 + r) writes the gradient
+        coefficients (sigmoid(z) - [positive]) * t in g's dtype, and the chunk's partial sums of
+        -log_sigmoid(label z), (sigmoid(z) - [positive]) * s and (sigmoid(z) - [positive]) to part[r, c]
+        (summed later in a fixed order: deterministic)."""
+        r = tl.program_id(0)
+        c = tl.program_id(1)
+        i = row0 + r
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        valid = cols < m
+        t = tl.exp(tl.load(tp_ptr).to(tl.float32))
+        b = tl.load(b_ptr).to(tl.float32)
+        s = tl.load(s_ptr + r.to(tl.int64) * stride_s + cols, mask=valid, other=0.0).to(tl.float32)
         z = t * s + b
-        valid = (rows[:, None] < n) & (cols[None, :] < m)
         if HAS_POS:
-            pos = (rows[:, None] == cols[None, :]) & valid
+            pos = (cols == i) & valid
         else:
-            pos = tl.zeros_like(valid)
+            pos = cols < 0
         u = tl.where(pos, z, -z)
-        nll = tl.maximum(-u, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(u)))  # softplus(-u), stable
-        g = tl.where(valid, 1.0 / (1.0 + tl.exp(-z)) - pos.to(tl.float32), 0.0)
-        return g, tl.where(valid, nll, 0.0)
-
-    @triton.jit
-    def _rows_kernel(x_ptr, y_ptr, dx_ptr, part_ptr, tp_ptr, b_ptr, n, m, d, stride_x, stride_y, stride_dx,
-                     HAS_POS: tl.constexpr, NEED_GRADS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (row block, d chunk): dX[rows, chunk] = t sum_j G Y; chunk 0 also writes the row block's
-        partial loss, dt' and db."""
-        pid_n, pid_d = tl.program_id(0), tl.program_id(1)
-        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        t = tl.exp(tl.load(tp_ptr).to(tl.float32))
-        b = tl.load(b_ptr).to(tl.float32)
-        acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-        loss = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        dt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for j0 in range(0, m, BLOCK_M):
-            cols = j0 + tl.arange(0, BLOCK_M)
-            s = _logit_tile(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, BLOCK_N, BLOCK_M, BLOCK_K, IEEE)
-            g, nll = _grad_tile(s, rows, cols, n, m, t, b, HAS_POS)
-            loss += tl.sum(nll, axis=1)
-            if NEED_GRADS:
-                dt += tl.sum(g * s, axis=1) * t
-                db += tl.sum(g, axis=1)
-                yc = tl.load(y_ptr + cols[:, None] * stride_y + dcols[None, :],
-                             mask=(cols[:, None] < m) & (dcols[None, :] < d), other=0.0)
-                if IEEE:
-                    acc += tl.dot(g, yc.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(g.to(yc.dtype), yc)
+        e = tl.exp(-tl.abs(z))  # one exp serves both, and never overflows: |u| = |z|
+        nll = tl.where(valid, tl.maximum(-u, 0.0) + tl.log(1.0 + e), 0.0)  # softplus(-u)
+        sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        g = tl.where(valid, sig - pos.to(tl.float32), 0.0)
         if NEED_GRADS:
-            tl.store(dx_ptr + rows[:, None] * stride_dx + dcols[None, :], acc * (t / n),
-                     mask=(rows[:, None] < n) & (dcols[None, :] < d))
-        if pid_d == 0:
-            tl.store(part_ptr + pid_n * 3 + 0, tl.sum(loss, axis=0))
-            tl.store(part_ptr + pid_n * 3 + 1, tl.sum(dt, axis=0))
-            tl.store(part_ptr + pid_n * 3 + 2, tl.sum(db, axis=0))
-
-    @triton.jit
-    def _cols_kernel(x_ptr, y_ptr, dy_ptr, tp_ptr, b_ptr, n, m, d, stride_x, stride_y, stride_dy,
-                     HAS_POS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program (column block, d chunk): dY[cols, chunk] = t sum_i G^T X."""
-        pid_m, pid_d = tl.program_id(0), tl.program_id(1)
-        cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        t = tl.exp(tl.load(tp_ptr).to(tl.float32))
-        b = tl.load(b_ptr).to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for i0 in range(0, n, BLOCK_N):
-            rows = i0 + tl.arange(0, BLOCK_N)
-            s = _logit_tile(x_ptr, y_ptr, rows, cols, n, m, d, stride_x, stride_y, BLOCK_N, BLOCK_M, BLOCK_K, IEEE)
-            g, _ = _grad_tile(s, rows, cols, n, m, t, b, HAS_POS)
-            xr = tl.load(x_ptr + rows[:, None] * stride_x + dcols[None, :],
-                         mask=(rows[:, None] < n) & (dcols[None, :] < d), other=0.0)
-            if IEEE:
-                acc += tl.dot(tl.trans(g), xr.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(g).to(xr.dtype), xr)
-        tl.store(dy_ptr + cols[:, None] * stride_dy + dcols[None, :], acc * (t / n),
-                 mask=(cols[:, None] < m) & (dcols[None, :] < d))
+            # scaled by t, not t / n: |g t| <= 100 stays in fp16's normal range at any n; 1/n is applied after
+            tl.store(g_ptr + r.to(tl.int64) * stride_g + cols, (g * t).to(g_ptr.dtype.element_ty), mask=valid)
+        base = part_ptr + (r * n_chunks + c) * 3
+        tl.store(base + 0, tl.sum(nll, axis=0))
+        tl.store(base + 1, tl.sum(g * s, axis=0))
+        tl.store(base + 2, tl.sum(g, axis=0))
 
 
-def _triton_blocks(d: int, dtype: torch.dtype) -> dict:
-    """Tile sizes. One configuration under the interpreter; on a GPU the embedding dimension is split into
-    chunks of at most 128 so the dX / dY accumulators stay in registers."""
-    block_d = min(128, max(16, triton.next_power_of_2(d)))
-    if INTERPRET:
-        return dict(BLOCK_N=32, BLOCK_M=32, BLOCK_K=min(64, block_d), BLOCK_D=block_d)
-    wide = dtype != torch.float32
-    return dict(BLOCK_N=64, BLOCK_M=64 if wide else 32, BLOCK_K=64 if wide else 32, BLOCK_D=block_d,
-                num_warps=8 if wide else 4, num_stages=2)
+def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result: fp16/bf16 inputs stay in their dtype on the GPU (cuBLAS accumulates in fp32
+    and writes fp32), so the logits are not rounded to 8 bits before the sigmoid."""
+    if a.dtype == torch.float32 or a.dtype == torch.float64:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # the interpreter's CPU fp16 tests
 
 
-def _triton_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: bool):
+def _accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 (acc None: a @ b); on the GPU the addition is cuBLAS's beta = 1 epilogue."""
+    if acc is None:
+        return _mm_f32(a, b)
+    if a.dtype in (torch.float16, torch.bfloat16) and a.is_cuda:
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def row_block(n: int, m: int, coeff_bytes: int, logit_bytes: int = 4) -> int:
+    """Rows per block: as many as keep the block's logits and its coefficients within BLOCK_BYTES."""
+    rows = BLOCK_BYTES // (m * (logit_bytes + coeff_bytes))
+    if rows >= n:
+        return n
+    return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
+
+
+def _chunk(m: int) -> int:
+    return min(1024 if not INTERPRET else 64, triton.next_power_of_2(m))
+
+
+def _block_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: bool):
+    """Row blocks: S = X_R Y^T (cuBLAS), coefficients G (Triton), dX_R = G Y / n and dY += G^T X_R / n (cuBLAS)."""
     n, d = x.shape
     m = y.shape[0]
     x, y = x.contiguous(), y.contiguous()
     tp = t_prime.reshape(1).float().contiguous()
     b = bias.reshape(1).float().contiguous()
-    cfg = _triton_blocks(d, x.dtype)
-    ieee = x.dtype == torch.float32
-    n_blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    d_blocks = triton.cdiv(d, cfg["BLOCK_D"])
-    partials = torch.empty(n_blocks, 3, dtype=torch.float32, device=x.device)
-    dx = torch.empty(n, d, dtype=torch.float32, device=x.device) if need_grads else partials
-    _rows_kernel[(n_blocks, d_blocks if need_grads else 1)](
-        x, y, dx, partials, tp, b, n, m, d, x.stride(0), y.stride(0), dx.stride(0) if need_grads else 0,
-        HAS_POS=has_positives, NEED_GRADS=need_grads, IEEE=ieee, **cfg)
-    loss, dt, db = (partials.sum(0) / n).unbind()  # partials are sums of unscaled terms
+    logits = _mm_f32 if LOGITS_FP32 else torch.mm
+    rows = row_block(n, m, x.element_size(), 4 if LOGITS_FP32 else x.element_size())
+    block = _chunk(m)
+    n_chunks = triton.cdiv(m, block)
+    sums = torch.zeros(3, dtype=torch.float32, device=x.device)  # loss, sum g s, sum g: unscaled
+    dx = torch.empty_like(x) if need_grads else None
+    dy = None
+    for r0 in range(0, n, rows):
+        xr = x[r0:r0 + rows]
+        s = logits(xr, y.T)
+        g = torch.empty(s.shape, dtype=x.dtype, device=x.device) if need_grads else s
+        part = torch.empty(xr.shape[0], n_chunks, 3, dtype=torch.float32, device=x.device)
+        _coefficients_kernel[(xr.shape[0], n_chunks)](
+            s, g, part, tp, b, r0, n, m, s.stride(0), g.stride(0), n_chunks,
+            HAS_POS=has_positives, NEED_GRADS=need_grads, BLOCK=block, num_warps=4)
+        sums += part.sum(dim=(0, 1))
+        del s
+        if need_grads:
+            dx[r0:r0 + rows] = _mm_f32(g, y).mul_(1 / n)  # rounded to x's dtype once
+            dy = _accumulate_f32(dy, g.T, xr)
+    t = tp.exp().reshape(())
+    loss, gs, gsum = (sums / n).unbind()
     if not need_grads:
         return loss, None, None, None, None
-    dy = torch.empty(m, d, dtype=torch.float32, device=x.device)
-    _cols_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), d_blocks)](
-        x, y, dy, tp, b, n, m, d, x.stride(0), y.stride(0), dy.stride(0), HAS_POS=has_positives, IEEE=ieee, **cfg)
-    return loss, dx, dy, dt, db
+    return loss, dx, dy.mul_(1 / n), t * gs, gsum
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
@@ -235,9 +216,12 @@ def loss_and_grads(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, bias
     if has_positives and y.shape[0] < x.shape[0]:
         raise ValueError(f"sigmoid_loss: y has {y.shape[0]} rows, fewer than the {x.shape[0]} positives of x")
     if impl == "auto":
-        impl = "triton" if x.is_cuda and triton_available(x) else "tiled"
-    if impl == "triton":
-        return _triton_loss_and_grads(x, y, t_prime, bias, has_positives, need_grads)
+        impl = "blocks" if x.is_cuda and triton_available(x) else "tiled"
+    if impl == "blocks":
+        if not triton_available(x):
+            raise ValueError("sigmoid_loss: impl='blocks' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 "
+                             "with fp32 / fp16 on the CPU)")
+        return _block_loss_and_grads(x, y, t_prime, bias, has_positives, need_grads)
     if impl == "tiled":
         return _tiled_loss_and_grads(x, y, t_prime, bias, has_positives, need_grads)
     raise ValueError(f"sigmoid_loss: unknown impl {impl!r}")

@@ -91,7 +91,13 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0  # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    zero_stage: Literal[0, 1, 2, 3] = 1
+    zero_stage: Literal[0, 1, 2, 3] = 1  # on one rank the step is always stage 0's (nothing to partition)
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile); the first steps compile
+    cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest convolution algorithms for the shapes seen
+    tf32: bool = True  # GPU: fp32 matmuls / convolutions (outside autocast) in TF32
+    profile_steps: list[int] = field(default_factory=list)  # [a, b]: torch profiler trace of steps a..b
+    profile_ranks: list[int] = field(default_factory=lambda: [0])  # ranks that write a trace (out_dir/profile/)
+    sync_debug: Literal["off", "warn", "error"] = "off"  # GPU: torch.cuda.set_sync_debug_mode between log steps
     lr_schedule: Literal["cosine", "linear", "multistep"] = "cosine"  # after the linear warmup
     lr_milestones: list[int] = field(default_factory=list)  # multistep: steps where lr *= lr_gamma
     lr_gamma: float = 0.1
@@ -254,6 +260,8 @@ def _check_values(cfg: RunConfig) -> None:
                    "data.workers": cfg.data.workers, "train.global_batch_size": t.global_batch_size}.items():
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
+    if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):
+        raise ConfigError(f"train.profile_steps={t.profile_steps} must be [first, last] steps, 1 <= first <= last")
     if not 0 < t.layer_decay <= 1:
         raise ConfigError(f"train.layer_decay={t.layer_decay} must be in (0, 1]")
     if t.lr_milestones != sorted(t.lr_milestones):

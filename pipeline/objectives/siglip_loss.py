@@ -4,8 +4,8 @@ At ring step k every rank scores its own images against the text block of rank (
 positives, every later block is negatives only. Each block carries the accumulator of its own gradient with it;
 after the last step the accumulator reaches its owner holding every rank's contribution. The next block is
 received while the current one is scored (and the accumulator travels while the next one is scored), so
-transfers overlap compute. No rank ever holds more than two text blocks, and the kernel never more than one
-logit tile.
+transfers overlap compute. No rank ever holds more than two text blocks; each block is scored by the same
+row-block path as the single-process loss (a remote block is one more set of columns, without positives).
 
 Each rank's loss is the mean over its own rows; with DeepSpeed's averaging of gradients over ranks the
 result equals the single-process loss and gradients over the concatenated batch (tested on 2 gloo ranks).
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.sigmoid_loss import loss_and_grads, take_saved_grads, sigmoid_loss
+from kernels.sigmoid_loss import Impl, loss_and_grads, sigmoid_loss, take_saved_grads
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], world: int, rank: int) -> list:
@@ -27,9 +27,9 @@ def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], world: int, ra
 
 class RingSigmoidLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, t_prime, bias):
+    def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto"):
         world, rank = dist.get_world_size(), dist.get_rank()
-        need = any(ctx.needs_input_grad)
+        need = any(ctx.needs_input_grad[:4])
         n_local = torch.tensor([y.shape[0]], device=y.device)
         sizes = [torch.zeros_like(n_local) for _ in range(world)]
         dist.all_gather(sizes, n_local)  # blocks may differ in size (a batch that lost bad samples)
@@ -48,7 +48,7 @@ class RingSigmoidLoss(torch.autograd.Function):
                 nxt = torch.empty(sizes[(src - 1) % world], y.shape[1], dtype=y.dtype, device=y.device)
                 prefetch = (_exchange([block], [nxt], world, rank), nxt)
             l_k, dx_k, dy_k, dt_k, db_k = loss_and_grads(x, block, t_prime, bias, has_positives=(k == 0),
-                                                         need_grads=need)
+                                                         need_grads=need, impl=impl)
             loss += l_k
             if need:
                 dx += dx_k
@@ -77,16 +77,17 @@ class RingSigmoidLoss(torch.autograd.Function):
         dx, dy, dt, db = take_saved_grads(ctx)
         tp_shape, b_shape = ctx.shapes
         return dx.mul_(grad.to(dx.dtype)), dy.mul_(grad.to(dy.dtype)), (dt * grad).reshape(tp_shape), \
-            (db * grad).reshape(b_shape)
+            (db * grad).reshape(b_shape), None
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, logit_scale_max: float = 100.0) -> torch.Tensor:
+                logit_bias: torch.Tensor, logit_scale_max: float = 100.0, impl: Impl = "auto") -> torch.Tensor:
     """`logit_scale` is exp(t') as open_clip's forward returns it, clamped at `logit_scale_max` (gradient 0
-    beyond); `logit_bias` is b. Single process: the kernel directly; several ranks: the ring."""
+    beyond); `logit_bias` is b. Single process: the kernel directly; several ranks: the ring. Both use
+    `kernels.sigmoid_loss`'s block path on GPUs and its tiled path on CPUs (`impl` forces one, for tests)."""
     t_prime = torch.log(logit_scale.float().clamp(max=logit_scale_max)).reshape(())
     bias = logit_bias.float().reshape(())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return RingSigmoidLoss.apply(image_features, text_features, t_prime, bias)
-    return sigmoid_loss(image_features, text_features, t_prime, bias)
+        return RingSigmoidLoss.apply(image_features, text_features, t_prime, bias, impl)
+    return sigmoid_loss(image_features, text_features, t_prime, bias, impl)
 

@@ -14,6 +14,7 @@ from pipeline.data.loader import ImageTextDecoder, expand_shards, local_shards
 from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
+from pipeline.train.engine import compute_dtype
 
 
 def check(cfg: RunConfig) -> None:
@@ -46,7 +47,7 @@ class ContrastiveTask:
         return None
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-        dtype = next(engine.module.parameters()).dtype
+        dtype = compute_dtype(engine)
         out = engine(self.decoder.image.model_input(batch["images"], device, dtype),
                      batch["texts"].to(device, non_blocking=True))
         loss = contrastive_loss(out, self.cfg)

@@ -22,6 +22,7 @@ from pipeline.data.modalities import decode_modality, make_modality_transform
 from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
 from pipeline.objectives.clip_loss import clip_loss
+from pipeline.train.engine import compute_dtype
 
 
 def _towers_embed_dim(towers: str) -> int:
@@ -119,7 +120,7 @@ class ImageBindTask:
         return self.model.parameter_groups(self.cfg.train.lr, self.cfg.train.weight_decay, self.ib.tower_lr_scale)
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-        dtype = next(p for p in engine.module.parameters()).dtype
+        dtype = compute_dtype(engine)
         images = self.decoder.image.model_input(batch["images"], device, dtype)
         losses, stats = [], {}
         for m in self.ib.modalities:

@@ -145,11 +145,17 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_ya
     return final
 
 
+def _precision(engine) -> str:
+    if engine.torch_autocast_enabled():  # fp32 weights, activations in the autocast dtype (one-rank GPU runs)
+        return f"fp32 weights, {str(engine.torch_autocast_dtype()).removeprefix('torch.')} autocast"
+    return "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+
+
 def _meta(engine, step: int) -> dict:
     import deepspeed
 
     return {"step": step, "world_size": dist.get_world_size(), "zero_stage": int(engine.zero_optimization_stage()),
-            "precision": "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32",
+            "precision": _precision(engine),
             "deepspeed": deepspeed.__version__}
 
 
@@ -241,6 +247,9 @@ def load_checkpoint(engine, path: Path) -> dict:
     saved_world = checkpoint_world_size(path)
     if saved_world != world and _zero_partition_files(path):
         load_dir, tag, universal = path, universal_checkpoint(path).name, True
+    elif saved_world != world and checkpoint_meta(path).get("zero_stage") == 0 and engine.zero_optimization_stage():
+        raise RuntimeError(f"{path} was written without ZeRO (stage 0, as every one-rank run is) and holds the whole "
+                           f"optimizer state; resume it on {world} ranks with train.zero_stage=0, which loads it as is")
     elif saved_world != world and any(path.glob("bf16_zero_pp_rank_*_optim_states.pt")):
         raise RuntimeError(f"{path} holds DeepSpeed's stage-0 bf16 optimizer partitions for {saved_world} ranks; "
                            f"resuming it on {world} ranks is not supported (use ZeRO 1-3, or {saved_world} ranks)")

@@ -21,10 +21,12 @@ from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict, to_y
 from pipeline.data.loader import (DataError, FetchSpec, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
                                   epoch_length, expand_sources, make_train_loader, parse_weights)
 from pipeline.tasks import build_task, check_task
-from pipeline.train.checkpoint import find_checkpoint, load_checkpoint, remove_partials, save_checkpoint
+from pipeline.train.checkpoint import (checkpoint_meta, find_checkpoint, load_checkpoint, remove_partials,
+                                       save_checkpoint)
 from pipeline.train.distributed import DistEnv, init_process_group
 from pipeline.train.engine import build_engine
 from pipeline.train.metrics import MetricsLog
+from pipeline.train.profiling import StepProfiler
 from pipeline.train.preemption import PREEMPTION_EXIT_CODE, PreemptionFlag
 
 
@@ -67,6 +69,14 @@ def device_peak_tflops(cfg: RunConfig) -> float:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
 
 
+def configure_cuda(cfg: RunConfig) -> None:
+    """cuDNN autotuning and TF32 for GPU runs (train.cudnn_benchmark, train.tf32; both on by default). bf16
+    autocast does not use TF32; it speeds up what runs in fp32 (fp32 runs, and ops autocast keeps in fp32)."""
+    torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -97,6 +107,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(env.local_rank)
+        configure_cuda(cfg)
     init_process_group(env, "nccl" if use_cuda else "gloo")
     t = cfg.train
     out_dir = Path(t.out_dir)
@@ -112,14 +123,15 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
 
     _seed_everything(t.seed)  # same seed on every rank: identical initial weights
     task = build_task(cfg)
-    engine, _ = build_engine(task.model, cfg, env.world_size, task.param_groups())
+    resume_from = find_checkpoint(ckpt_root, t.resume)
+    engine, _, plain = build_engine(task.model, cfg, env.world_size, task.param_groups(),
+                                    checkpoint_meta(resume_from).get("zero_stage", 0) if resume_from else 0)
 
     sources = expand_sources(cfg.data.train, "data.train", FetchSpec.for_data(cfg.data))
     shards = ShardSet.from_sources(sources)
     spec = LoaderSpec(t.batch_size, env.rank, env.world_size, t.seed, cfg.data.shuffle_block,
                       parse_weights(cfg.data.train_weights, len(sources)), cfg.data.resampled)
     start_step, position = 0, StreamPosition()
-    resume_from = find_checkpoint(ckpt_root, t.resume)
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
         if state["world_size"] != env.world_size and is_main:  # load_checkpoint converted it (universal)
@@ -141,6 +153,9 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     keys_log = SampleKeyLog(out_dir, env.rank, start_step) if cfg.data.log_sample_keys else None
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
     peak_tflops = device_peak_tflops(cfg)
+    profiler = StepProfiler(t.profile_steps, out_dir, env.rank, t.profile_ranks)
+    if use_cuda:
+        torch.cuda.reset_peak_memory_stats()
     samples_seen = start_step * t.global_batch_size
     window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
 
@@ -152,8 +167,14 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     step, k = start_step, 0
     loss_sum = torch.zeros((), device=device)
     preemption = PreemptionFlag()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75 (requeue)
+    # Between log steps nothing reads a device value: the host only queues work, and the GPU never idles
+    # waiting for it (tests/train/test_sync_free.py runs steps under torch.cuda.set_sync_debug_mode("error")).
+    sync_debug = t.sync_debug if use_cuda else "off"
     try:
         while step < t.steps:
+            profiler.step_begins(step + 1)
+            if sync_debug != "off" and step > start_step:  # the first step initialises (optimizer state, cuDNN)
+                torch.cuda.set_sync_debug_mode(sync_debug)
             step_keys = []
             for _ in range(t.grad_accum):
                 wait_start = time.perf_counter()
@@ -167,6 +188,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 step_keys += batch["keys"]
                 loss, stats = task.loss(engine, batch, device)
                 engine.backward(loss)
+                if plain is not None and engine.is_gradient_accumulation_boundary():
+                    plain.before_step()  # clipping and the non-finite guard, on the device
                 engine.step()
                 loss_sum += loss.detach() / t.grad_accum
             step += 1
@@ -175,19 +198,28 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             if keys_log:
                 keys_log.write(step, step_keys)
 
-            if step % t.log_every == 0 or step == t.steps:
+            profiler.step_ends(step)
+            preempted = preemption.requested(device if use_cuda else None)  # collective: all ranks stop together
+            log_now = step % t.log_every == 0 or step == t.steps
+            ckpt_now = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted
+            if sync_debug != "off" and (log_now or ckpt_now):  # reading values back is what log steps are for
+                torch.cuda.set_sync_debug_mode("default")
+            if log_now:
                 dist.all_reduce(loss_sum)
+                loss_value = loss_sum.item()  # waits for the window's last step: the window's time is all in
                 bad = Counter()
                 for counts in _gather_objects(dict(budget.bad), env.world_size):
                     bad.update(counts)
                 elapsed = time.perf_counter() - window_start
+                grad_norm = plain.grad_norm if plain is not None else engine.get_global_grad_norm()
                 record = {
-                    "step": step, "loss": loss_sum.item() / env.world_size / window_steps,
+                    "step": step, "loss": loss_value / env.world_size / window_steps,
                     "lr": engine.get_lr()[0],
                     **{name: float(v) for name, v in stats.items()},
                     "samples_per_s": window_steps * t.global_batch_size / elapsed,
+                    "step_time_ms": 1000 * elapsed / window_steps,
                     "data_wait_frac": window_wait / elapsed,
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "grad_norm": float(grad_norm if grad_norm is not None else 0.0),
                     "samples_seen": samples_seen,
                     "epoch": position.epoch,
                     "bad_samples": sum(bad.values()),
@@ -196,14 +228,15 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 }
                 if peak_tflops:  # model FLOPs utilisation: achieved model TFLOP/s per device over its peak
                     record["mfu"] = record["tflops_per_s"] / env.world_size / peak_tflops
+                if use_cuda:  # this rank's high-water mark of allocated memory since the first step
+                    record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 if metrics:
                     metrics.log(record)
                 loss_sum.zero_()
                 window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if metrics:
                 metrics.advance()
-            preempted = preemption.requested(device if use_cuda else None)  # collective: all ranks stop together
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted:
+            if ckpt_now:
                 save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last)
                 window_start = time.perf_counter()  # checkpoint time is not training throughput
             if preempted and step < t.steps:
@@ -219,6 +252,9 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 raise Preempted()
         preemption.restore()
     finally:  # loader workers ignore SIGTERM (see loader.py): they must be shut down explicitly
+        if sync_debug != "off":
+            torch.cuda.set_sync_debug_mode("default")
+        profiler.close()
         getattr(batches, "_shutdown_workers", lambda: None)()  # (single-process iterators have none)
 
     if metrics:

@@ -1,20 +1,25 @@
-"""sigmoid_loss against the float64 reference: loss and all four gradients, both implementations."""
+"""sigmoid_loss against the float64 reference: loss and all four gradients, both implementations.
+
+Every test runs on `kernel_device`: the block path's Triton pass runs on the GPU where there is one and under
+the interpreter otherwise (cuBLAS / CPU matmuls for the GEMMs)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels.sigmoid_loss as sl
 from kernels.sigmoid_loss import loss_and_grads, sigmoid_loss, sigmoid_loss_reference
 
-IMPLS = ["tiled", "triton"]
+IMPLS = ["tiled", "blocks"]
 
 
-def _inputs(n, m, d, t_prime, bias, seed=0):
+def _inputs(n, m, d, t_prime, bias, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
     y = F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1)
-    return x, y, torch.tensor(t_prime, dtype=torch.float64), torch.tensor(bias, dtype=torch.float64)
+    return tuple(v.to(device) for v in (x, y, torch.tensor(t_prime, dtype=torch.float64),
+                                        torch.tensor(bias, dtype=torch.float64)))
 
 
 def _reference(x, y, tp, b):
@@ -37,8 +42,8 @@ def _ours(x, y, tp, b, dtype, impl):
 @pytest.mark.parametrize("n, m, d", [(1, 1, 19), (37, 37, 19), (37, 53, 19), (64, 64, 32), (70, 130, 33)])
 @pytest.mark.parametrize("t_prime, bias", [(math.log(10), -10.0), (math.log(100), 0.0), (0.0, 5.0), (6.0, -30.0)],
                          ids=["init", "t100", "t1_b5", "extreme"])
-def test_loss_and_gradients_match_float64_reference(impl, dtype, n, m, d, t_prime, bias):
-    x, y, tp, b = _inputs(n, m, d, t_prime, bias)
+def test_loss_and_gradients_match_float64_reference(kernel_device, impl, dtype, n, m, d, t_prime, bias):
+    x, y, tp, b = _inputs(n, m, d, t_prime, bias, device=kernel_device)
     if dtype == torch.float16:  # judge the kernel, not the rounding of its inputs
         x, y = x.half().double(), y.half().double()
     ref_loss, ref_grads = _reference(x, y, tp, b)
@@ -52,8 +57,8 @@ def test_loss_and_gradients_match_float64_reference(impl, dtype, n, m, d, t_prim
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_negatives_only_block_and_no_grad_path(impl):
-    x, y, tp, b = _inputs(20, 45, 24, math.log(10), -10.0)
+def test_negatives_only_block_and_no_grad_path(kernel_device, impl):
+    x, y, tp, b = _inputs(20, 45, 24, math.log(10), -10.0, device=kernel_device)
     loss, dx, dy, dt, db = loss_and_grads(x.float(), y.float(), tp.float(), b.float(), has_positives=False, impl=impl)
     z = tp.exp() * x @ y.T + b
     torch.testing.assert_close(loss.double(), -F.logsigmoid(-z).sum() / 20, rtol=1e-5, atol=1e-6)
@@ -66,8 +71,8 @@ def test_negatives_only_block_and_no_grad_path(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_reruns_are_bitwise_identical(impl):
-    x, y, tp, b = _inputs(70, 90, 40, math.log(10), -10.0)
+def test_reruns_are_bitwise_identical(kernel_device, impl):
+    x, y, tp, b = _inputs(70, 90, 40, math.log(10), -10.0, device=kernel_device)
     first = loss_and_grads(x.float(), y.float(), tp.float(), b.float(), impl=impl)
     second = loss_and_grads(x.float(), y.float(), tp.float(), b.float(), impl=impl)
     for a, c in zip(first, second):
@@ -82,25 +87,49 @@ def test_shape_errors_are_clear():
         sigmoid_loss(x, y[:, :3], tp, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("n, m", [(37, 37), (70, 130)])
+def test_several_row_blocks_match_reference(kernel_device, monkeypatch, dtype, n, m):
+    """Blocks of 16 rows (the last one ragged): the per-block logits, coefficients, dX rows and the fp32 dY
+    accumulation across blocks give the single-block result."""
+    monkeypatch.setattr(sl, "ROW_ALIGN", 16)
+    monkeypatch.setattr(sl, "BLOCK_BYTES", 16 * m * 6)
+    assert sl.row_block(n, m, 2) == 16
+    x, y, tp, b = _inputs(n, m, 33, math.log(10), -10.0, device=kernel_device)
+    if dtype == torch.float16:
+        x, y = x.half().double(), y.half().double()
+    ref_loss, ref_grads = _reference(x, y, tp, b)
+    loss, grads = _ours(x, y, tp, b, dtype, "blocks")
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (4e-3, 1e-3)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
+    for name, got, want in zip(("dx", "dy", "dt'", "db"), grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol * max(1.0, want.abs().max().item()),
+                                   msg=name)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("n, d", [(4096, 768), (1000, 1152)])
-def test_bf16_on_gpu_judged_like_flash_attention(n, d):
-    """The Triton kernel in bf16 may err against an fp32 reference at most ~2x as much as the same
-    PyTorch math run in bf16."""
-    x, y, tp, b = _inputs(n, n, d, math.log(10), -10.0)
+@pytest.mark.parametrize("n, m, d, rows", [(4096, 4096, 768, None), (1000, 1000, 1152, None),
+                                           (3000, 4100, 768, 1024)], ids=["4k", "1k_d1152", "3blocks"])
+def test_bf16_on_gpu_judged_like_flash_attention(monkeypatch, n, m, d, rows):
+    """The block path in bf16 may err against a float64 reference at most ~2x as much as the same math done
+    the way PyTorch users do it: bf16 GEMMs (bf16 logits), fp32 scale and bias (as open_clip's parameters)."""
+    if rows:  # several row blocks, the last one ragged
+        monkeypatch.setattr(sl, "BLOCK_BYTES", rows * m * 6)
+    x, y, tp, b = _inputs(n, m, d, math.log(10), -10.0, device="cuda")
     x, y = x.bfloat16().double(), y.bfloat16().double()
-    ref_loss, ref_grads = _reference(x.cuda(), y.cuda(), tp.cuda(), b.cuda())
-    loss, grads = _ours(x.cuda(), y.cuda(), tp.cuda(), b.cuda(), torch.bfloat16, "triton")
-    ins = [x.cuda().bfloat16().requires_grad_(True), y.cuda().bfloat16().requires_grad_(True),
-           tp.cuda().bfloat16().requires_grad_(True), b.cuda().bfloat16().requires_grad_(True)]
-    z = ins[2].exp() * ins[0] @ ins[1].T + ins[3]
-    labels = 2 * torch.eye(n, device="cuda", dtype=torch.bfloat16) - 1
+    ref_loss, ref_grads = _reference(x, y, tp, b)
+    loss, grads = _ours(x, y, tp, b, torch.bfloat16, "blocks")
+    ins = [x.bfloat16().requires_grad_(True), y.bfloat16().requires_grad_(True),
+           tp.float().requires_grad_(True), b.float().requires_grad_(True)]
+    z = ins[2].exp() * (ins[0] @ ins[1].T) + ins[3]
+    labels = -torch.ones(n, m, device="cuda", dtype=torch.bfloat16)
+    labels[torch.arange(n), torch.arange(n)] = 1
     eager = -F.logsigmoid(labels * z).sum() / n
     eager.backward()
     assert (loss.double() - ref_loss).abs() <= 2 * (eager.double() - ref_loss).abs() + 1e-4
-    for got, eager_grad, want in zip(grads, [v.grad for v in ins], ref_grads):
+    for name, got, eager_grad, want in zip(("dx", "dy", "dt'", "db"), grads, [v.grad for v in ins], ref_grads):
         err = (got.double() - want).abs().max()
-        assert err <= 2 * (eager_grad.double() - want).abs().max() + 1e-6
+        assert err <= 2 * (eager_grad.double() - want).abs().max() + 1e-6, name
 
 
 def test_peak_memory_at_16k_is_20x_below_open_clip():

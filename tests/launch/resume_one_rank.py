@@ -31,7 +31,7 @@ def main(ckpt: Path) -> dict:
     torch.manual_seed(1234)  # other weights than the checkpoint's: loading must replace them all
     model, *_ = create_clip(cfg.model.name)
     promote_scalar_params(model)
-    engine, _ = build_engine(model, cfg, env.world_size)
+    engine, _, _ = build_engine(model, cfg, env.world_size, checkpoint_zero_stage=checkpoint_meta(ckpt)["zero_stage"])
     state = load_checkpoint(engine, ckpt)
 
     reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)

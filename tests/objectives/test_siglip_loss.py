@@ -17,14 +17,14 @@ def _inputs(n, d=24, seed=0):
     return x, y
 
 
-def _rank_main(rank, world, store, sizes, out):
+def _rank_main(rank, world, store, sizes, out, impl):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     x, y = _inputs(sum(sizes))
     lo, hi = sum(sizes[:rank]), sum(sizes[: rank + 1])
     xl, yl = x[lo:hi].float().requires_grad_(True), y[lo:hi].float().requires_grad_(True)
     scale = torch.tensor([math.exp(2.0)], requires_grad=True)
     bias = torch.tensor([-3.0], requires_grad=True)
-    loss = siglip_loss(xl, yl, scale, bias)
+    loss = siglip_loss(xl, yl, scale, bias, impl=impl)
     loss.backward()
     # As DeepSpeed does: shared parameters are all-reduced; every gradient is divided by the world size.
     for p in (scale, bias):
@@ -35,10 +35,11 @@ def _rank_main(rank, world, store, sizes, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("impl", ["tiled", "blocks"])  # blocks: the GPU path, here under the Triton interpreter
 @pytest.mark.parametrize("sizes", [(9, 9), (5, 5, 5)], ids=["2ranks", "3ranks"])
-def test_ring_equals_single_process_over_concatenated_batch(tmp_path, sizes):
+def test_ring_equals_single_process_over_concatenated_batch(tmp_path, sizes, impl):
     world = len(sizes)
-    mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), sizes, str(tmp_path / "res")), nprocs=world)
+    mp.spawn(_rank_main, args=(world, str(tmp_path / "store"), sizes, str(tmp_path / "res"), impl), nprocs=world)
     x, y = _inputs(sum(sizes))
     x, y = x.float().requires_grad_(True), y.float().requires_grad_(True)
     scale = torch.tensor([math.exp(2.0)], requires_grad=True)
