@@ -8,6 +8,9 @@ Per rank, with Psi parameters, d = data-parallel ranks (all GPUs), p bytes per p
     gradients   p * Psi                  (/ d at ZeRO-2, 3)
     optimizer   12 * Psi with bf16/fp16  (fp32 master copy + exp_avg + exp_avg_sq; / d at ZeRO-1, 2, 3)
                  8 * Psi with fp32       (the parameters are the master copy)
+
+except on one GPU or at stage 0, where the trainer steps fp32 weights itself (autocast for bf16): params
+4 * Psi (+ 2 * Psi of bf16 autocast copies), gradients 4 * Psi, optimizer 8 * Psi, whatever the stage.
     overhead    a fixed --overhead-gb (CUDA context, NCCL and ZeRO communication buffers, allocator slack)
 
 Activations, per sample, for each transformer block of width h, heads a, MLP hidden f, s tokens (Korthikanti
@@ -239,7 +242,14 @@ def activation_bytes_per_sample(tws: list[Tower], p: int, fused: bool) -> tuple[
 
 
 def model_state_bytes(n: int, p: int, stage: int, d: int) -> tuple[float, float, float]:
-    """(params, grads, optimizer) bytes per rank for n parameters at a ZeRO stage over d ranks."""
+    """(params, grads, optimizer) bytes per rank for n parameters at a ZeRO stage over d ranks.
+
+    One rank, or stage 0, is the trainer's plain step (pipeline/train/engine.py): fp32 weights, fp32 gradients
+    and Adam's two moments, and in bf16 the autocast copies of the weights (2 bytes each, kept for the backward
+    pass) counted with the params. ZeRO 1-3 on several ranks is DeepSpeed's mixed precision: p-byte weights and
+    gradients plus an fp32 master copy in the optimizer state."""
+    if d == 1 or stage == 0:
+        return (4 + (2 if p == 2 else 0)) * n, 4 * n, 8 * n
     params, grads, optim = p * n, p * n, (12 if p == 2 else 8) * n
     if stage >= 1:
         optim /= d
