@@ -81,10 +81,10 @@ SUITE_DEFAULTS = {
                 warmup_steps=10, log_every=LOG_EVERY, repeats=3, threads=2, variants="ours,open_clip",
                 open_clip_python="venv", timeout=900, retries=3, wait_idle=600,
                 data_dir=REPO / "runs" / "bench_data", results=BENCH / "results" / "train_vs_open_clip.md"),
-    # 20 + 120 steps of ViT-B/16 at batch 256 are ~5 s of GPU time per run: start-up and compilation dominate,
-    # so the timed part is long enough for 12 windows (a spread worth quoting) at almost no cost.
+    # 20 + 80 steps of ViT-B/16 at batch 256 are a few seconds of GPU time per run (unless a loader cannot keep
+    # up): start-up and compilation dominate, so 8 timed windows (a spread worth quoting) cost almost nothing.
     "gpu": dict(device="cuda", model=GPU_MODEL, config=GPU_CONFIG, precision="bf16", batch_size=256, workers=12,
-                steps=120, warmup_steps=20, log_every=LOG_EVERY, repeats=1, threads=0,
+                steps=80, warmup_steps=20, log_every=LOG_EVERY, repeats=1, threads=0,
                 variants="ours,open_clip,open_clip+compile,ours+compile", open_clip_python="current", timeout=240,
                 retries=0, wait_idle=0, data_dir=None,  # data_dir: runs/bench_shards_<size>px
                 results=BENCH / "results" / "train_vs_open_clip_gpu.md"),
@@ -150,7 +150,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "else cpu. The options below default to the suite's values")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="cpu (suite cpu) or cuda (suite gpu)")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per run, after the warm-up "
-                   "(a multiple of --log-every; cpu 80, gpu 120)")
+                   "(a multiple of --log-every; cpu 80, gpu 80)")
     p.add_argument("--warmup-steps", type=int, default=None, help="steps left out of the timing (a multiple of "
                    "--log-every; cpu 10, gpu 20)")
     p.add_argument("--log-every", type=int, default=None, help=f"steps per timing window, both systems "
@@ -606,6 +606,9 @@ def run_ours(args: argparse.Namespace, train_pattern: str, repeat: int, env: dic
         if args.suite == "cpu":
             raise
         run.error = str(e)  # the GPU suite keeps what the run logged before it failed
+    finally:
+        if args.suite == "gpu":  # a checkpoint begun before the stop is partial and large: not a result
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     if not metrics.is_file():
         if args.suite == "cpu":
             raise BenchError(f"{OURS} run {repeat} wrote no {metrics}; see {run.log}")
@@ -710,6 +713,8 @@ def machine_info() -> dict:
     cpu = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "unknown")
     commit = command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
     dirty = command_output(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    if commit == "unknown" and os.environ.get("BENCH_GIT_COMMIT"):  # a copied work tree without .git (GPU machine)
+        commit, dirty = os.environ["BENCH_GIT_COMMIT"] + " (from BENCH_GIT_COMMIT: the work tree has no .git)", ""
     return {
         "cpu": cpu, "cores": os.cpu_count(), "date": command_output(["date", "-u"]),
         "commit": commit + (" (with uncommitted changes to tracked files)" if dirty not in ("", "unknown") else ""),
@@ -1084,7 +1089,13 @@ def main_gpu(args: argparse.Namespace, argv: list[str]) -> int:
     env["PYTHONUNBUFFERED"] = "1"  # a killed run's log still holds everything it printed
     oc_env = open_clip_env(env, args.open_clip_pythonpath)
     wants_oc = any(VARIANTS[v][0] == OPEN_CLIP for v in args.variant_list)
-    oc_python, oc_versions = resolve_open_clip_python(args, oc_env) if wants_oc else (Path("-"), {})
+    oc_python, oc_versions, oc_error = Path("-"), {}, ""
+    if wants_oc:
+        try:
+            oc_python, oc_versions = resolve_open_clip_python(args, oc_env)
+        except BenchError as e:  # our runs still give their numbers; the report says why open_clip_train has none
+            oc_error = str(e)
+            print(f"open_clip_train cannot run: {e}", flush=True)
     flops, model_px, context = model_flops(args.model)
     if args.device == "cuda":
         dev = cuda_device_info(env)
@@ -1120,6 +1131,10 @@ def main_gpu(args: argparse.Namespace, argv: list[str]) -> int:
                           error="not run: train.compile is not a config key in this checkout (pipeline/config.py)")
             elif system == OURS:
                 run = run_ours(args, shards["pattern"], repeat, env, compiled)
+            elif oc_error:
+                name = f"open_clip_train{'-compile' if compiled else ''}-{repeat}"
+                run = Run(OPEN_CLIP, repeat, open_clip_command(args, oc_python, shards["pattern"], name, compiled),
+                          args.work_dir / f"{name}.log", compiled=compiled, error=f"not run: {oc_error}")
             else:
                 run = run_open_clip(args, oc_python, shards["pattern"], repeat, oc_env, compiled)
             expected = args.steps // args.log_every
@@ -1154,7 +1169,8 @@ def main(argv: list[str]) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     train_pattern = prepare_data(args.data_dir)
     env = child_env(args.threads)
-    python, oc_versions = resolve_open_clip_python(args, open_clip_env(env, args.open_clip_pythonpath))
+    oc_env = open_clip_env(env, args.open_clip_pythonpath)
+    python, oc_versions = resolve_open_clip_python(args, oc_env)
     setup_s, start = time.perf_counter() - start, time.perf_counter()
 
     plan = []  # ABBA: ours, open_clip, open_clip, ours, ...
@@ -1168,7 +1184,7 @@ def main(argv: list[str]) -> int:
         for attempt in range(1, args.retries + 2):
             wait_for_quiet_machine(args.wait_idle)
             run = (run_ours(args, train_pattern, repeat, env) if system == OURS
-                   else run_open_clip(args, python, train_pattern, repeat, env))
+                   else run_open_clip(args, python, train_pattern, repeat, oc_env))
             run.attempts = attempt
             if run.other_cpu <= IDLE_BUSY or attempt > args.retries:
                 break
