@@ -335,6 +335,7 @@ Rerun from the repository root on a GPU machine:
 - Date: {info['date']}; git commit {info['commit']}
 - Python {info['python']}; torch {tvo._dist_version('torch')}, triton {tvo._dist_version('triton')}, deepspeed {tvo._dist_version('deepspeed')}, open_clip_torch {tvo._dist_version('open_clip_torch')}
 - Config `{a.config}`{(" with `" + " ".join(a.overrides) + "`") if a.overrides else ""}: {p0.model}, {p0.params:,} parameters, {p0.precision}, ZeRO-{p0.config_zero_stage}, activation checkpointing {"on" if p0.config_activation_checkpointing else "off"}
+- Optimizer step on one {a.device.upper()} device: {tvo.ours_step(a.config, a.overrides, a.device)}
 - Micro-batch: {ctx['batch_why']}. Plan on 1 GPU of {ctx['mem_gib']:.1f} GiB (`{shlex.join(plan_command(a, ctx['mem_gib'], ctx['peak'], []))}`): at the config's ZeRO-{stage.stage}, the largest micro-batch is {stage.max_micro_batch_ckpt:,} with activation checkpointing and {stage.max_micro_batch_full:,} without
 - Data: `{tvo.relative(ctx['shards']['pattern'])}` ({ctx['shards']['samples']:,} rendered demo images at {ctx['shards']['settings']['image_size']} px, the shards of bench/train_vs_open_clip.py); loader workers: {a.workers}
 - {a.warmup_steps} warm-up + {a.steps} timed steps, train.grad_accum=1, a metrics record per step; the trainer is stopped once the last step is logged (no final checkpoint)
@@ -347,6 +348,7 @@ Rerun from the repository root on a GPU machine:
 
 - MFU = samples/s over the timed steps (all timed samples / their total time, data waits included) x FLOPs per pair / peak.
 - "peak memory allocated": the largest `peak_mem_gib` in metrics.jsonl (`torch.cuda.max_memory_allocated`, tensors only). Plan's total includes a fixed {a.overhead_gb:g} GiB for the CUDA context, communication buffers and allocator slack, which that counter does not see, so it is compared with plan's total less that overhead. "device memory in use" (nvidia-smi, all of the device's processes: the trainer's only here) is what the fixed overhead is meant to cover, and is compared with plan's total.
+- Plan counts model states per parameter as bf16 weights + bf16 gradients + 12 bytes of fp32 optimizer state (16 bytes); on one GPU the plain step holds fp32 weights + fp32 gradients + 8 bytes of AdamW state (also 16 bytes), so the states' total is the same and only their split differs.
 - What plan leaves out (pipeline/plan.py): the embeddings, final norms and pooling heads' activations, and DeepSpeed's own buffers (gradient buckets; with bf16, the fp32 gradient partition the optimizer steps on). The per-step record does not say which of these makes a difference to plan.
 """
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
+if str(REPO) not in sys.path:  # this checkout's pipeline package, not whichever one is installed (or none)
+    sys.path.insert(0, str(REPO))
 CONFIG = "configs/demo/clip_tiny.yaml"
 MODEL = "clip-tiny"
 LOG_EVERY = 10  # steps per timing window, both systems
@@ -817,7 +819,7 @@ Commands (from the repository root; run directories and logs under `{relative(st
 
 ## Differences between the two setups (caveats)
 
-- Training step. Ours: a DeepSpeed engine (ZeRO stage 1, from `{CONFIG}`) in a one-process gloo group: gradients go through DeepSpeed's flat fp32 buffers and reduce hooks, DeepSpeed computes the gradient norm and clips, and the optimizer steps over the flattened partition. open_clip_train: a plain PyTorch loop (no DDP with one process), `torch.nn.utils.clip_grad_norm_`, `optimizer.step()` over the parameter tensors, then an in-place clamp of the logit scale.
+- Training step. Ours: {ours_step(CONFIG, ["train.precision=fp32", *args.ours_set], "cpu")}. open_clip_train: a plain PyTorch loop (no DDP with one process), `torch.nn.utils.clip_grad_norm_`, `optimizer.step()` over the parameter tensors, then an in-place clamp of the logit scale.
 - Optimizer: `torch.optim.AdamW` with the same hyper-parameters on both sides. The no-decay sets are matched by slightly different name rules (ours: ndim < 2, `ln_`, `norm`, `.bias`, `logit_`; open_clip_train: ndim < 2, `bn`, `ln`, `bias`, `logit_scale`), which does not change the work done.
 - Loss: ours `pipeline.objectives.clip_loss` (float32 cast, no gather with one process); open_clip_train `open_clip.ClipLoss`. Same computation.
 - Data loading: ours reads samples by offset from the indexed shards (`pipeline.data.loader`: order shuffled in blocks of 4096, per-sample seeded augmentation, tokenization per batch, DataLoader prefetch 4). open_clip_train streams the tars with webdataset (shard shuffle, 5000-sample shuffle buffer filled to 1000 before the first batch, tokenization per sample, prefetch 2). Both use the same open_clip train transform and tokenizer. With 1 worker on {info['cores']} cores the worker competes with the training threads for the CPU.
@@ -827,6 +829,27 @@ Commands (from the repository root; run directories and logs under `{relative(st
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def ours_step(config: str, overrides: list[str], device: str) -> str:
+    """What our trainer's optimizer step is for this config on one rank, in words (pipeline.train.engine decides:
+    its plain step on one rank, else DeepSpeed's ZeRO optimizer)."""
+    try:
+        from pipeline.config import load_config
+        from pipeline.train import engine
+        cfg = load_config(config, list(overrides))
+        precision = engine.resolve_precision(cfg.train.precision) if device == "cuda" else cfg.train.precision
+        plain = engine.plain_step(cfg, 1) if hasattr(engine, "plain_step") else False
+    except Exception as e:  # noqa: BLE001 - only the report's wording depends on it
+        return f"a DeepSpeed engine (its step could not be described: {type(e).__name__})"
+    group = "NCCL" if device == "cuda" else "gloo"
+    if plain:
+        return (f"a DeepSpeed engine at ZeRO stage 0 in a one-process {group} group running our plain step on one "
+                f"rank (`pipeline.train.engine.plain_step`): fp32 weights{' under bf16 autocast' if precision == 'bf16' else ''}, "
+                "torch's AdamW, gradient clipping and a non-finite guard on the device")
+    return (f"a DeepSpeed engine (ZeRO stage {cfg.train.zero_stage}, from `{config}`) in a one-process {group} group: "
+            f"{precision} weights, gradients through DeepSpeed's flat buffers and reduce hooks, DeepSpeed computes the "
+            "gradient norm and clips, and the optimizer steps over the flattened fp32 partition")
 
 
 # ---------------------------------------------------------------------------------------------- GPU suite
@@ -1053,7 +1076,7 @@ Commands (from the repository root; run directories and logs under `{relative(st
 
 ## Differences between the two setups (caveats)
 
-- Training step. Ours: a DeepSpeed engine in a one-process {"NCCL" if args.device == "cuda" else "gloo"} group (ZeRO stage from `{args.config}`), DeepSpeed's gradient clipping; with bf16, bf16 weights and gradients and fp32 master weights and AdamW states in DeepSpeed's optimizer wrapper. open_clip_train: a plain PyTorch loop (no DDP with one process), `torch.nn.utils.clip_grad_norm_`, `optimizer.step()` (AdamW), then an in-place clamp of the logit scale; with amp_bf16, fp32 weights under bf16 autocast. Memory therefore differs by design in bf16: per parameter ours keeps bf16 weights + bf16 gradients + fp32 master + 2 fp32 moments (16 bytes), open_clip_train fp32 weights + fp32 gradients + 2 fp32 moments (16 bytes), and autocast keeps bf16 copies of the weights for the step.
+- Training step. Ours: {ours_step(args.config, [f"train.precision={args.precision}", *args.ours_set], args.device)}; `train.compile=true` is DeepSpeed's `engine.compile()` (torch.compile of the module's forward). open_clip_train: a plain PyTorch loop (no DDP with one process), `torch.nn.utils.clip_grad_norm_`, `optimizer.step()` (AdamW), then an in-place clamp of the logit scale{"; with amp_bf16, fp32 weights under bf16 autocast" if args.precision == "bf16" else ""}; `--torchcompile` is torch.compile of the model.
 - Data loading: ours reads samples by offset from the indexed shards, each batch built by one worker (batch k by worker k mod {args.workers}), images decoded and cropped on uint8 and normalised on the GPU. open_clip_train streams the tars with webdataset (each worker its own shards and whole batches, 1000-5000-sample shuffle buffer, PIL transform to float tensors). Both include waiting for data in their step times ("data wait" is the share of the window spent waiting).
 - open_clip_train logs after its first step, so its windows end one step later: it skips {args.warmup_steps + 1} steps and times the next {args.steps}; its webdataset epoch is whole batches per worker, so it is asked for {open_clip_steps(args)} steps (a multiple of {max(1, args.workers)} workers) and the windows after step {args.warmup_steps + 1 + args.steps} are not used.
 - Both processes sync the GPU only at log steps (`loss.item()` and the like), so a window's time is the time between two such points: per-window numbers, not per-step ones.
