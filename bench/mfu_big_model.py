@@ -352,7 +352,7 @@ Rerun from the repository root on a GPU machine:
 
 - MFU = samples/s over the timed steps (all timed samples / their total time, data waits included) x FLOPs per pair / peak.
 - "peak memory allocated": the largest `peak_mem_gib` in metrics.jsonl (`torch.cuda.max_memory_allocated`, tensors only). Plan's total includes a fixed {a.overhead_gb:g} GiB for the CUDA context, communication buffers and allocator slack, which that counter does not see, so it is compared with plan's total less that overhead. "device memory in use" (nvidia-smi, all of the device's processes: the trainer's only here) is what the fixed overhead is meant to cover, and is compared with plan's total.
-{states_note}- What plan leaves out (pipeline/plan.py): the embeddings, final norms and pooling heads' activations, and DeepSpeed's own buffers (gradient buckets; with bf16, the fp32 gradient partition the optimizer steps on). The per-step record does not say which of these makes a difference to plan.
+{states_note}- What plan leaves out (pipeline/plan.py): the activations of the embeddings, final norms and pooling heads, the bf16 copies autocast makes of the weights, and under ZeRO DeepSpeed's own buffers (gradient buckets, the fp32 gradient partition).
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
