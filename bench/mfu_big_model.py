@@ -319,10 +319,6 @@ Command:
     {tvo.display_command(att.command)}
 
 """)
-    states_note = ("- Plan counts model states per parameter as bf16 weights + bf16 gradients + 12 bytes of fp32 optimizer "
-                   "state (16 bytes); the plain step on one GPU holds fp32 weights + fp32 gradients + 8 bytes of AdamW "
-                   "state (also 16 bytes): the same total, split differently.\n"
-                   if p0.precision == "bf16" and "plain step" in tvo.ours_step(a.config, a.overrides, a.device) else "")
     peak_text = (f"{ctx['peak']:g} TFLOP/s ({ctx['peak_source']})" if ctx["peak"]
                  else "none known for this device (--peak-tflops sets one): no MFU")
     text = f"""# MFU and memory of {p0.model} on one GPU, against `python -m pipeline plan`
@@ -352,7 +348,7 @@ Rerun from the repository root on a GPU machine:
 
 - MFU = samples/s over the timed steps (all timed samples / their total time, data waits included) x FLOPs per pair / peak.
 - "peak memory allocated": the largest `peak_mem_gib` in metrics.jsonl (`torch.cuda.max_memory_allocated`, tensors only). Plan's total includes a fixed {a.overhead_gb:g} GiB for the CUDA context, communication buffers and allocator slack, which that counter does not see, so it is compared with plan's total less that overhead. "device memory in use" (nvidia-smi, all of the device's processes: the trainer's only here) is what the fixed overhead is meant to cover, and is compared with plan's total.
-{states_note}- What plan leaves out (pipeline/plan.py): the activations of the embeddings, final norms and pooling heads, the bf16 copies autocast makes of the weights, and under ZeRO DeepSpeed's own buffers (gradient buckets, the fp32 gradient partition).
+- What plan leaves out (pipeline/plan.py): the activations of the embeddings, final norms and pooling heads, and under ZeRO on several GPUs DeepSpeed's own buffers (gradient buckets, the fp32 gradient partition).
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
