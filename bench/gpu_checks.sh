@@ -36,3 +36,36 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
     "$PY" -c "import torch, triton, deepspeed, open_clip, timm; print('torch', torch.__version__, 'triton', triton.__version__, 'deepspeed', deepspeed.__version__, 'open_clip', open_clip.__version__, 'timm', timm.__version__)" 2>&1 | tail -1
 } > "$OUT/machine.txt"
 cat "$OUT/machine.txt"
+df -h /dev/shm | tail -1 >> "$OUT/machine.txt"
+
+if want train || want mfu; then  # the 224 px shards both training benchmarks read, rendered while the tests run
+    step shards 150 "$PY" bench/train_vs_open_clip.py --device cuda --render-only &
+fi
+if want tests; then  # correctness first, in parallel (timing is the benchmarks' business)
+    SYNC=tests/train/test_sync_free.py::test_steps_between_log_steps_do_not_synchronise
+    step tests_kernels 170 "$PY" -m pytest tests/kernels -q -rfE -p no:cacheprovider &
+    step tests_models 170 "$PY" -m pytest tests/models -q -rfE -p no:cacheprovider &
+    step tests_sync_a 170 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/train/test_engine.py \
+        tests/train/test_sync_free.py::test_sync_debug_mode_turns_a_read_back_into_an_error \
+        "$SYNC[clip]" "$SYNC[siglip]" "$SYNC[imagebind]" &
+    step tests_sync_b 170 "$PY" -m pytest -q -rfE -p no:cacheprovider "$SYNC[clip_swinv2]" "$SYNC[simmim]" &
+    step tests_sync_c 170 "$PY" -m pytest -q -rfE -p no:cacheprovider "$SYNC[supervised]" "$SYNC[supervised_mixup]" &
+fi
+wait
+if want sigmoid; then
+    step sigmoid 100 "$PY" bench/sigmoid_loss_bench.py --device cuda --out "$OUT/sigmoid_rows.jsonl"
+fi
+if want window; then
+    : # window bench (to be filled)
+fi
+if want train; then  # ViT-B/16 bf16 batch 256: ours vs open_clip_train (TRAIN_VARIANTS picks the runs)
+    step train "${TRAIN_LIMIT:-420}" "$PY" bench/train_vs_open_clip.py --device cuda --steps "${TRAIN_STEPS:-50}" \
+        --warmup-steps 20 --variants "${TRAIN_VARIANTS:-ours,open_clip,open_clip+compile,ours+compile}" \
+        --results "$OUT/train_vs_open_clip_gpu.md"
+fi
+if want mfu; then  # ViT-H/14 at the micro-batch plan recommends for one GPU: MFU, measured vs predicted memory
+    step mfu "${MFU_LIMIT:-200}" "$PY" bench/mfu_big_model.py --warmup-steps 1 --steps "${MFU_STEPS:-4}" \
+        --results "$OUT/mfu_vit_h14.md"
+fi
+tar czf "$OUT/bench_runs.tgz" --exclude=checkpoints --exclude='*.tar' runs/bench 2>/dev/null
+cat "$OUT/steps.txt"
