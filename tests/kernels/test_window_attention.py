@@ -378,6 +378,51 @@ def test_autotuned_launch_matches_reference(monkeypatch, deterministic, kernel_d
     _check(got, want, _tolerances(torch.float16, qkv, bias, ls, heads, window))
 
 
+# ----------------------------------------------------------------------------------------------- benchmark smoke
+def _run_bench(tmp_path, *args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "window_attention.md"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "window_attention_bench.py"), "--device", "cpu",
+                           "--smoke", "--out", str(out), *args], cwd=repo, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    assert text.startswith("# Window attention") and "Commit: " in text and "GB/s" in text, text[:800]
+    return text, [line for line in text.splitlines() if line.startswith("| smoke")]
+
+
+_ON_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the benchmark's own GPU run "
+                                                                "(~2 min) is the check")
+
+
+@_ON_GPU
+def test_bench_smoke_writes_every_row(tmp_path):
+    """bench/window_attention_bench.py on the CPU (interpreter, tiny shapes): the compile warm-up in a worker
+    process, then one row per method with every column filled, in the results file."""
+    text, rows = _run_bench(tmp_path, "--variants", "v2", "--windows", "4", "--methods", "ours", "sdpa", "eager",
+                            "--warm-workers", "1", "--no-train")
+    assert [r.split("|")[2].strip() for r in rows] == ["ours", "sdpa", "eager"], rows
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")[3:7]]
+        assert all(float(c) > 0 for c in cells[:3]) and cells[3].count("%") == 3, r
+        assert "error" not in r and "skipped" not in r, r
+
+
+@_ON_GPU
+@pytest.mark.slow
+def test_bench_smoke_every_method_and_the_training_step(tmp_path):
+    """Every method (torch.compile included, from the warm-up's caches), the tiled path, V1 and V2, and the
+    training step with and without the kernel."""
+    text, rows = _run_bench(tmp_path, "--windows", "4", "9", "--train-batch", "1")
+    assert len(rows) == 2 * 2 * 4 and not any("error" in r or "skipped" in r for r in rows), rows
+    train = [line for line in text.splitlines() if line.startswith("| tiny SwinV2")]
+    assert len(train) == 1 and "x |" in train[0], train
+
+
 # ----------------------------------------------------------------------------------------------- compile, no GPU
 _COMPILE_SCRIPT = r'''
 import triton
