@@ -61,8 +61,9 @@ Triton kernels
   ~800 MB for SwinV2-T stage 1 at batch 128). WINDOW_ATTENTION_DETERMINISTIC_DBIAS=0 (or the module flag
   DETERMINISTIC_DBIAS) switches to fp32 atomics into one (heads, N, N) buffer.
 - Launch. 4 warps per program (a 64-row tile is one Hopper warp group); on the GPU autotune picks WPP and
-  num_stages (2 prefetches the next window or key block); under TRITON_INTERPRET=1 each kernel has a single
-  configuration. dqkv comes back in qkv's dtype, dbias in bias's dtype, d logit_scale in its own dtype.
+  num_stages (2 prefetches the next window or key block), 25 ms of measurement per configuration;
+  WINDOW_ATTENTION_AUTOTUNE=0 (the tests) launches the first configuration untuned. Under TRITON_INTERPRET=1
+  each kernel has a single configuration. dqkv comes back in qkv's dtype, dbias in bias's dtype, d logit_scale in its own dtype.
 """
 from __future__ import annotations
 
@@ -76,6 +77,7 @@ import torch.nn.functional as F
 try:  # Triton is optional at import time: CPU-only installs use the reference
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -84,6 +86,13 @@ SHIFT_MASK = -100.0
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # dbias summed from per-group partials in a fixed order (bitwise reproducible); "0" selects fp32 atomics instead
 DETERMINISTIC_DBIAS = os.environ.get("WINDOW_ATTENTION_DETERMINISTIC_DBIAS", "1") != "0"
+# GPU autotuning. "0" (or the module flag) launches one fixed configuration per kernel (the first of `_configs`)
+# instead of benchmarking all of them on the first call of each shape key: a correctness run (the tests) then
+# compiles each kernel variant once instead of 2-8 times. Timings (the benchmark, training) keep autotuning.
+AUTOTUNE = os.environ.get("WINDOW_ATTENTION_AUTOTUNE", "1") != "0"
+# Benchmark warm-up only: launch configuration i (modulo each kernel's count) of every kernel, so that parallel
+# processes can compile all configurations into Triton's disk cache before the timed process autotunes.
+FORCE_CONFIG: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -149,7 +158,16 @@ def window_attention_reference(qkv: torch.Tensor, num_heads: int, window_size: t
                                logit_scale: torch.Tensor | None = None) -> torch.Tensor:
     """timm's computation step by step (roll, partition, attention, reverse, roll back), with autograd.
 
-    Computed in the input dtype, so it is also the "same PyTorch code in low precision" baseline.
+    Dtypes. It accepts what the kernels accept, e.g. bf16 / fp16 qkv with an fp32 bias and logit scale, and then
+    computes what timm's SwinV2 computes under torch.autocast(bf16) with fp32 parameters: the two matmuls in
+    qkv's dtype (autocast runs matmuls in bf16), F.normalize in the promoted dtype and rounded back for the
+    matmul (autocast runs norms in fp32), the logits promoted with the logit scale and the bias (the product
+    with an fp32 parameter is fp32) for the scaling, bias, mask and softmax, P cast to v's dtype for P @ v
+    (autocast casts matmul inputs to bf16), output in qkv's dtype. Under autocast the steps are the same ops,
+    so a model gives timm's numbers either way. Why this and not "everything in qkv's dtype": the mixed
+    inputs are how the kernels are used in bf16 training, and the same PyTorch code run in that precision is
+    the baseline the kernels' bf16 error is judged against; all-bf16 inputs (bias and logit scale too) still
+    give pure bf16, float64 inputs the float64 oracle.
     """
     window_size, shift_size = tuple(window_size), tuple(shift_size)
     check_shapes(qkv, num_heads, window_size, shift_size, bias, logit_scale)
@@ -158,12 +176,15 @@ def window_attention_reference(qkv: torch.Tensor, num_heads: int, window_size: t
     if logit_scale is None:
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     else:
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        norm_dtype = torch.promote_types(qkv.dtype, logit_scale.dtype)
+        qn = F.normalize(q.to(norm_dtype), dim=-1).to(q.dtype)
+        kn = F.normalize(k.to(norm_dtype), dim=-1).to(k.dtype)
+        attn = qn @ kn.transpose(-2, -1)
         attn = attn * torch.clamp(logit_scale.view(num_heads, 1, 1), max=LOGIT_SCALE_MAX).exp()
-    attn = attn + bias.to(attn.dtype)
+    attn = attn + bias                                                 # promotes: fp32 bias -> fp32 logits
     if any(shift_size):
         attn = attn + shift_mask(H, W, window_size, shift_size, qkv.device, attn.dtype)[None, :, None]
-    return window_merge(attn.softmax(dim=-1) @ v, window_size, shift_size, H, W)
+    return window_merge(attn.softmax(dim=-1).to(v.dtype) @ v, window_size, shift_size, H, W)
 
 
 def window_qkv(qkv: torch.Tensor, num_heads: int, window_size: tuple[int, int], shift_size: tuple[int, int]):
@@ -639,21 +660,50 @@ if triton is not None:
         a 64-row tile is one Hopper warp group (with 8 warps the MMA layout replicates it; with 2, the fused
         backward spills, per ptxas for sm_90). num_stages 2 prefetches the next window (the window loops have
         no branch in their body) or the next key block. `capped`: the same with registers capped at 128 (the
-        single-tile forward needs 168: 3 programs per SM uncapped, 4 capped with a small spill)."""
+        single-tile forward needs 168: 3 programs per SM uncapped, 4 capped with a small spill).
+        The first configuration is the one launched without autotuning (AUTOTUNE off): the most windows per
+        program and the deepest pipeline, the code path with the most to get wrong (ragged window tails,
+        prefetch across windows), so that untuned correctness runs on a GPU cover it."""
         if INTERPRET:
             return [triton.Config(metas[-1], num_warps=4, num_stages=1)]
-        return ([triton.Config(m, num_warps=4, num_stages=st) for m in metas for st in stages]
+        first = triton.Config(metas[-1], num_warps=4, num_stages=stages[-1])
+        return ([first] + [triton.Config(m, num_warps=4, num_stages=st) for m in metas for st in stages
+                           if (m, st) != (metas[-1], stages[-1])]
                 + [triton.Config(m, num_warps=4, num_stages=1, maxnreg=128) for m in capped])
 
+    def _prune(configs, named_args, **kwargs):
+        """The configurations to benchmark for a new key: all (AUTOTUNE), the first (AUTOTUNE off: one config,
+        so the autotuner launches it without benchmarking), or the FORCE_CONFIG-th (benchmark warm-up)."""
+        if FORCE_CONFIG is not None:
+            return [configs[FORCE_CONFIG % len(configs)]]
+        return list(configs) if AUTOTUNE else [configs[0]]
+
+    def _bench(kernel_call, quantiles):
+        """Autotuning measurement: 5 ms warm-up and 25 ms of repetitions per configuration (Triton's default is
+        25 + 100 ms). The configurations differ by 10-30 %, which 25 ms of a 0.05-5 ms kernel resolves; every
+        new shape key costs ~10 configurations, so the default would add ~1.5 s per key to the first step."""
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+    def _autotune(configs, key, **kw):
+        return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": _prune}, do_bench=_bench,
+                               **kw)
+
     _KEY = ["Mh", "Mw", "d", "V2", "SHIFTED", "BLOCK_M", "BLOCK_N"]
-    _fwd = triton.autotune(_configs([{"WPP": 1}, {"WPP": 2}, {"WPP": 4}], [1, 2], [{"WPP": 2}, {"WPP": 4}]),
-                           key=_KEY)(_fwd_kernel)
-    _bwd_dq = triton.autotune(_configs([{"WPP": 1}, {"WPP": 2}], [1, 2]), key=_KEY)(_bwd_dq_kernel)
-    _bwd_dkdv = triton.autotune(_configs([{"WPP": 1}, {"WPP": 2}], [1, 2]), key=_KEY)(_bwd_dkdv_kernel)
-    _bwd_fused = triton.autotune(_configs([{}], [1, 2]), key=["Mh", "Mw", "d", "V2", "SHIFTED", "ATOMIC"],
-                                 reset_to_zero=["dbias_ptr"])(_bwd_fused_kernel)
-    _bwd_dbias = triton.autotune(_configs([{}], [1, 2]), key=_KEY + ["ATOMIC"],
-                                 reset_to_zero=["dbias_ptr"])(_bwd_dbias_kernel)
+    _fwd = _autotune(_configs([{"WPP": 1}, {"WPP": 2}, {"WPP": 4}], [1, 2], [{"WPP": 2}, {"WPP": 4}]),
+                     _KEY)(_fwd_kernel)
+    _bwd_dq = _autotune(_configs([{"WPP": 1}, {"WPP": 2}], [1, 2]), _KEY)(_bwd_dq_kernel)
+    _bwd_dkdv = _autotune(_configs([{"WPP": 1}, {"WPP": 2}], [1, 2]), _KEY)(_bwd_dkdv_kernel)
+    _bwd_fused = _autotune(_configs([{}], [1, 2]), ["Mh", "Mw", "d", "V2", "SHIFTED", "ATOMIC"],
+                           reset_to_zero=["dbias_ptr"])(_bwd_fused_kernel)
+    _bwd_dbias = _autotune(_configs([{}], [1, 2]), _KEY + ["ATOMIC"], reset_to_zero=["dbias_ptr"])(_bwd_dbias_kernel)
+    AUTOTUNERS = (_fwd, _bwd_dq, _bwd_dkdv, _bwd_fused, _bwd_dbias)
+
+
+def clear_autotune_cache() -> None:
+    """Forget the configuration chosen per shape key (after changing AUTOTUNE or FORCE_CONFIG)."""
+    if triton is not None:
+        for tuner in AUTOTUNERS:
+            tuner.cache.clear()
 
 
 # ----------------------------------------------------------------------------------------------- host side
