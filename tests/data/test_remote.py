@@ -25,7 +25,8 @@ def shards(tmp_path_factory):
 
 
 def live_group_members(pgid: int) -> list[int]:
-    """Processes of process group `pgid` that are not zombies."""
+    """Processes of process group `pgid` that have not exited: neither zombies (Z) nor being reaped (X; an
+    orphaned zombie may be reaped by init while we look)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,7 +36,7 @@ def live_group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             found.append(int(entry))
     return found
 
