@@ -178,7 +178,7 @@ def test_stalled_rank_makes_the_others_exit_after_the_timeout(group, demo_data, 
     args = _overrides(demo_data, out, **{"train.steps": 1000, "train.ckpt_every": 0})
     job_id = free_slurm_job_id()
     main = job.start([PY, *TRAIN, *args], srun_task_env(0, 2, job_id, PIPELINE_DIST_TIMEOUT=STALL_TIMEOUT_S), "task0")
-    hook = os.pathsep.join(filter(None, [str(REPO / "tests" / "launch" / "stall_hook"), os.environ.get("PYTHONPATH")]))
+    hook = os.pathsep.join([str(REPO / "tests" / "launch" / "stall_hook"), clean_env()["PYTHONPATH"]])
     job.start([PY, *TRAIN, *args], srun_task_env(1, 2, job_id, PIPELINE_DIST_TIMEOUT=STALL_TIMEOUT_S, PYTHONPATH=hook,
                                                  TEST_STALL_TRIGGER=trigger, TEST_STALL_GROUP=group), "task1")
     wait_for(lambda: last_step(out) >= 2, 300, "step 2", job)
