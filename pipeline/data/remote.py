@@ -47,6 +47,7 @@ CHUNK = 1 << 20
 DEFAULT_TIMEOUT_S = 3600.0  # whole fetch of one shard
 DEFAULT_STALL_TIMEOUT_S = 120.0  # no byte at all for this long
 DEFAULT_PREFETCH = 4  # shards fetched at once
+GROUP_EXIT_WAIT_S = 10.0  # for SIGKILLed processes to exit: milliseconds, unless one is stuck in the kernel (D state)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -120,13 +121,53 @@ def _write(out, data: bytes) -> None:
     out.write(data)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL to the command's whole process group. Called only while `proc` is not yet reaped, so the
-    group id cannot have been reused."""
+_EXITED = ("Z", "X")  # /proc states of a process that has exited: zombie (not yet reaped), dead (being reaped)
+
+
+def _group_member_state(pid: int, pgid: int) -> str | None:
+    """The state letter of process `pid` if it is a member of process group `pgid` (None if it is not, or is
+    gone). Read from /proc/<pid>/stat; the name in parentheses may itself hold spaces and ')'."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    fields = stat.rsplit(b")", 1)[1].split()
+    return fields[0].decode() if int(fields[2]) == pgid else None
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that have not exited (zombies and dying ones excluded). Empty where there is
+    no /proc to read (not Linux)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    return [int(e) for e in entries if e.isdigit() and _group_member_state(int(e), pgid) not in (None, *_EXITED)]
+
+
+def _end_group(proc: subprocess.Popen, wait_s: float = GROUP_EXIT_WAIT_S) -> list[int]:
+    """SIGKILL to the command's whole process group, then waits (at most `wait_s`) until every member has
+    exited, and reaps the shell. Returns the pids still alive after that (normally none).
+
+    A SIGKILLed process exits only once the scheduler runs it again, milliseconds later on a busy machine: the
+    kill alone does not mean the `cat` holding the shard open is gone. The shell is reaped last: until then it
+    is a zombie that keeps the group id from being reused, so every pid found in the group is the command's."""
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    deadline = time.monotonic() + wait_s
+    # listed after the kill: a member cannot fork once SIGKILL is pending, so no one joins later
+    live = _live_group_members(pgid)
+    while live and time.monotonic() < deadline:
+        time.sleep(0.002)
+        live = [pid for pid in live if _group_member_state(pid, pgid) not in (None, *_EXITED)]
+    try:
+        proc.wait(max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:  # the shell itself is stuck in the kernel; Popen reaps it later
+        pass
+    return live
 
 
 def _exited(pid: int) -> bool:
@@ -137,11 +178,16 @@ def _exited(pid: int) -> bool:
         return True
 
 
+def _survivors_note(shown: str, survivors: list[int], wait_s: float) -> str:
+    return f"{shown}: processes {survivors} of the command were still alive {wait_s:g}s after SIGKILL"
+
+
 def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout_s: float | None,
                 cancel: threading.Event | None = None) -> None:
     """Runs `command` with the shell in a new process group and copies its stdout to `dest` (created).
     Raises DataError (one line, naming the command) on a stall, the total timeout, a non-zero exit or
-    `cancel`; kills the whole process group on any failure and after success (stray background children)."""
+    `cancel`; kills the whole process group on any failure and after success (stray background children), and
+    returns or raises only once its processes have exited (`_end_group`)."""
     shown = _one_line(f"{PIPE_PREFIX}{command}")
     start = time.monotonic()
     deadline = start + timeout_s if timeout_s else float("inf")
@@ -149,7 +195,6 @@ def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout
     with tempfile.TemporaryFile() as errf, open(dest, "wb") as out:
         proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=errf, start_new_session=True)
-        reaped = False
         try:
             fd = proc.stdout.fileno()
             last_data = time.monotonic()
@@ -178,21 +223,25 @@ def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout
                     raise _data_error(f"{shown}: took longer than {timeout_s:g}s (output ended, the command did "
                                       f"not exit); killed")
                 time.sleep(0.01)
-            _kill_group(proc)  # background children it may have left; the group id is still ours (not reaped)
-            rc = proc.wait()
-            reaped = True
-            if rc != 0:
-                errf.seek(0)
-                lines = [ln for ln in errf.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-                detail = f": {_one_line(lines[-1], 200)}" if lines else ""
-                raise _data_error(f"{shown}: exited with status {rc}{detail}")
-            out.flush()
-            os.fsync(out.fileno())
+        except BaseException as e:
+            survivors = _end_group(proc)
+            if survivors:
+                e.add_note(_survivors_note(shown, survivors, GROUP_EXIT_WAIT_S))
+            raise
         finally:
-            if not reaped:
-                _kill_group(proc)
-                proc.wait()
             proc.stdout.close()
+        # background children it may have left; the group id is still ours (the shell is not reaped yet)
+        survivors = _end_group(proc)
+        if survivors:
+            raise _data_error(_survivors_note(shown, survivors, GROUP_EXIT_WAIT_S))
+        rc = proc.returncode
+        if rc != 0:
+            errf.seek(0)
+            lines = [ln for ln in errf.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            detail = f": {_one_line(lines[-1], 200)}" if lines else ""
+            raise _data_error(f"{shown}: exited with status {rc}{detail}")
+        out.flush()
+        os.fsync(out.fileno())
 
 
 # ---------------------------------------------------------------------------------------------- fetching a shard

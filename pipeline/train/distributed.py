@@ -11,7 +11,10 @@ anything starts.
 
 Collectives time out after PIPELINE_DIST_TIMEOUT seconds (default 600; DeepSpeed's DEEPSPEED_TIMEOUT, in
 minutes, is honoured when ours is unset): a rank that dies or stalls outside torchrun makes the others fail in
-bounded time instead of hanging for ever.
+bounded time instead of hanging for ever. That holds for every process group, not only the default one: DeepSpeed
+makes its own (the data-parallel group every gradient all-reduce runs in) without a timeout, which torch would
+otherwise give its built-in default (30 minutes for gloo), so it is made torch's default as well. On GPUs, NCCL's
+watchdog ends a rank whose collective timed out (TORCH_NCCL_ASYNC_ERROR_HANDLING=3 unless set otherwise).
 """
 from __future__ import annotations
 
@@ -181,9 +184,26 @@ def init_process_group(env: DistEnv, backend: str) -> None:
         else:
             os.environ["MASTER_PORT"] = str(free_port())
     timeout = collective_timeout()
+    _default_group_timeout(timeout)
+    if backend == "nccl":
+        # the watchdog aborts the process once a collective exceeds the timeout (torch's default since 2.2; older
+        # versions and a stray NCCL_ASYNC_ERROR_HANDLING=0 would leave the rank blocked instead)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
     if _torchrun_restart() > 0:
         _init_on_fresh_keys(env, backend, timeout)  # DeepSpeed then adopts the initialised default group
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+
+
+def _default_group_timeout(timeout: timedelta) -> None:
+    """Makes `timeout` what torch gives a process group created without one. DeepSpeed creates its groups with
+    `torch.distributed.new_group(ranks)` (its clone of the world group carries every gradient all-reduce), and
+    torch would give them its built-in 30 minutes (gloo; 10 for NCCL): a hung peer then held the others there
+    long after PIPELINE_DIST_TIMEOUT."""
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:  # None: torch built without NCCL
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def _torchrun_restart() -> int:

@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ def shards(tmp_path_factory):
 
 
 def live_group_members(pgid: int) -> list[int]:
-    """Processes of process group `pgid` that are not zombies."""
+    """Processes of process group `pgid` that have not exited: neither zombies (Z) nor being reaped (X; an
+    orphaned zombie may be reaped by init while we look)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -35,9 +37,25 @@ def live_group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             found.append(int(entry))
     return found
+
+
+@pytest.fixture
+def command_groups(monkeypatch) -> list[int]:
+    """The process group ids of the commands fetched during the test (each shell leads a group of its own),
+    known from the moment it is started: a pid the shell writes itself may not be written yet when a fetch
+    is cancelled on a busy machine."""
+    groups = []
+
+    class RecordingPopen(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            groups.append(self.pid)
+
+    monkeypatch.setattr(remote.subprocess, "Popen", RecordingPopen)
+    return groups
 
 
 def leftovers(cache: Path) -> list[str]:
@@ -100,17 +118,16 @@ def test_index_is_built_when_the_sidecar_is_missing_or_wrong(shards, tmp_path):
     assert ShardSet([str(got3)]).total == 24
 
 
-def test_stall_is_killed_with_its_process_group(shards, tmp_path):
-    pidfile = tmp_path / "pgid"
+def test_stall_is_killed_with_its_process_group(shards, tmp_path, command_groups):
     cache = tmp_path / "cache"
-    url = f"pipe:echo $$ > {pidfile}; sleep 30; cat {shards[0]}"
+    url = f"pipe:sleep 30; cat {shards[0]}"
     start = time.monotonic()
     with pytest.raises(DataError) as e:
         fetch_pipe(url, cache, timeout_s=60, stall_timeout_s=1)
     assert time.monotonic() - start < 4
     msg = str(e.value)
     assert "\n" not in msg and "sleep 30" in msg and "no data for 1s" in msg, msg
-    assert live_group_members(int(pidfile.read_text())) == []
+    assert len(command_groups) == 1 and live_group_members(command_groups[0]) == []
     assert leftovers(cache) == [] and not PipeSource(url).cached_path(cache).exists()
 
 
@@ -142,10 +159,9 @@ def test_failing_commands_name_the_command_and_quote_stderr(tmp_path):
     assert leftovers(cache) == [] and [p for p in cache.iterdir() if not p.name.startswith(".")] == []
 
 
-def test_exception_mid_stream_leaves_no_partial_file(shards, tmp_path, monkeypatch):
-    pidfile = tmp_path / "pgid"
+def test_exception_mid_stream_leaves_no_partial_file(shards, tmp_path, monkeypatch, command_groups):
     cache = tmp_path / "cache"
-    url = f"pipe:echo $$ > {pidfile}; cat {shards[0]}; sleep 30"
+    url = f"pipe:cat {shards[0]}; sleep 30"
     calls = []
 
     def failing_write(out, data):
@@ -157,7 +173,7 @@ def test_exception_mid_stream_leaves_no_partial_file(shards, tmp_path, monkeypat
     monkeypatch.setattr(remote, "_write", failing_write)
     with pytest.raises(RuntimeError, match="interrupted"):
         fetch_pipe(url, cache, timeout_s=30, stall_timeout_s=5)
-    assert live_group_members(int(pidfile.read_text())) == []
+    assert len(command_groups) == 1 and live_group_members(command_groups[0]) == []
     final = PipeSource(url).cached_path(cache)
     assert not final.exists() and not index_path(final).exists() and leftovers(cache) == []
 
@@ -175,15 +191,14 @@ def test_resolve_sources_keeps_order_and_mixes_local_and_pipe(shards, tmp_path):
         resolve_sources([f"pipe:cat {a}"], cache_dir="")
 
 
-def test_resolve_sources_first_failure_cancels_the_rest(shards, tmp_path):
-    pidfile = tmp_path / "pgid"
-    slow = f"pipe:echo $$ > {pidfile}; sleep 30; cat {shards[0]}"
+def test_resolve_sources_first_failure_cancels_the_rest(shards, tmp_path, command_groups):
+    slow = f"pipe:sleep 30; cat {shards[0]}"
     start = time.monotonic()
     with pytest.raises(DataError, match="pipe:cat /nonexistent/train-000001.tar: exited"):
         resolve_sources([slow, "pipe:cat /nonexistent/train-000001.tar"], tmp_path / "c",
                         timeout_s=60, stall_timeout_s=20, prefetch=2)
     assert time.monotonic() - start < 5  # not the 20 s stall of the first one
-    assert live_group_members(int(pidfile.read_text())) == []
+    assert command_groups and [g for g in command_groups if live_group_members(g)] == []
     assert leftovers(tmp_path / "c") == []
 
 

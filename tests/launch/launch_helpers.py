@@ -20,10 +20,16 @@ LAUNCH_KEYS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RA
 
 
 def clean_env(**extra) -> dict:
-    """This environment without any launcher's variables (a test may itself run under torchrun or SLURM)."""
+    """This environment without any launcher's variables (a test may itself run under torchrun or SLURM), for
+    children that run this checkout."""
     env = {k: v for k, v in os.environ.items()
            if k not in LAUNCH_KEYS and not k.startswith(("SLURM_", "TORCHELASTIC_", "ACCELERATE_", "PET_"))}
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    # Children run this checkout with this interpreter however they start: a script run by path has its own
+    # directory first on sys.path and would import the installed package, which may be another checkout, and
+    # launch/*.sh run REPO/.venv/bin/python, else the first python3 on PATH.
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               PIPELINE_PYTHON=sys.executable)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -1,4 +1,6 @@
 """Rank / world / rendezvous from every launcher's environment, Slurm node lists, the collective timeout."""
+import os
+import sys
 from datetime import timedelta
 
 import pytest
@@ -112,3 +114,58 @@ def test_torchrun_restart_count(monkeypatch):
     assert _torchrun_restart() == 2
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert _torchrun_restart() == 0
+
+
+GROUP_TIMEOUTS = """
+import torch, torch.distributed as dist
+from deepspeed.utils import groups
+from pipeline.train.distributed import init_process_group, read_dist_env
+init_process_group(read_dist_env(), "gloo")
+for name, group in (("world", dist.group.WORLD), ("deepspeed", groups._clone_world_group()),
+                    ("new_group", dist.new_group([0]))):
+    print(name, group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+"""
+
+
+def test_every_process_group_gets_the_collective_timeout():
+    """DeepSpeed creates its groups (the one its gradient all-reduce runs in) without a timeout: they must get
+    PIPELINE_DIST_TIMEOUT too, not torch's built-in 30 minutes, or a hung peer holds the others there."""
+    import subprocess
+
+    from conftest import REPO
+    from pipeline.train.distributed import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_"))}
+    env.update(PIPELINE_DIST_TIMEOUT="7", DS_ACCELERATOR="cpu", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", GROUP_TIMEOUTS], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    timeouts = dict(line.split() for line in proc.stdout.splitlines() if line.split()[0] in
+                    ("world", "deepspeed", "new_group"))
+    assert timeouts == {"world": "7.0", "deepspeed": "7.0", "new_group": "7.0"}, proc.stdout
+
+
+def test_nccl_ranks_abort_on_a_timed_out_collective(monkeypatch):
+    """For NCCL, the timeout is torch's default for new groups and the watchdog tears a rank down when a
+    collective exceeds it (TORCH_NCCL_ASYNC_ERROR_HANDLING=3), unless the user chose otherwise. NCCL itself
+    is not started here: DeepSpeed's init is replaced by a recorder."""
+    import types
+
+    from torch.distributed import distributed_c10d as c10d
+
+    from pipeline.train.distributed import init_process_group
+
+    if c10d.default_pg_nccl_timeout is None:
+        pytest.skip("torch built without NCCL")
+    monkeypatch.setattr(c10d, "default_pg_timeout", c10d.default_pg_timeout)  # restored after the test
+    monkeypatch.setattr(c10d, "default_pg_nccl_timeout", c10d.default_pg_nccl_timeout)
+    calls = []
+    fake_deepspeed = types.SimpleNamespace(init_distributed=lambda **kw: calls.append((kw, dict(os.environ))))
+    monkeypatch.setitem(sys.modules, "deepspeed", fake_deepspeed)
+    for preset, expected in (({}, "3"), ({"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}, "1")):
+        monkeypatch.setattr(os, "environ", {"PIPELINE_DIST_TIMEOUT": "9", **preset})
+        init_process_group(DistEnv(0, 1, 0, False), "nccl")
+        kwargs, environ = calls.pop()
+        assert kwargs["timeout"] == timedelta(seconds=9) and kwargs["dist_backend"] == "nccl"
+        assert environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == expected
+        assert c10d._get_default_timeout("nccl") == c10d._get_default_timeout("gloo") == timedelta(seconds=9)

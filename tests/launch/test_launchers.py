@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -160,23 +161,33 @@ def test_sigkill_of_one_rank_ends_the_job(launcher, demo_data, job, tmp_path):
     assert not alive(everything), [p.cmdline()[:4] for p in alive(everything)]
 
 
+STALL_TIMEOUT_S = 20  # PIPELINE_DIST_TIMEOUT of the stalled-rank test
+# After the timeout, rank 0 needs at most the step it was in (about 1 s here) and its exit (traceback, loader
+# shutdown, interpreter teardown: about 3 s) on a loaded 2-core machine. Without a timeout on a group, torch's
+# default holds it for 30 minutes.
+STEP_AND_EXIT_S = 20
+
+
 @pytest.mark.slow
-def test_stalled_rank_makes_the_others_exit_after_the_timeout(demo_data, job, tmp_path):
-    """SIGSTOP (a hung rank, not a dead one: its sockets stay open): without an agent, rank 0 leaves its
-    collective after PIPELINE_DIST_TIMEOUT and exits non-zero."""
-    out = tmp_path / "run"
+@pytest.mark.parametrize("group", ["deepspeed", "default"])
+def test_stalled_rank_makes_the_others_exit_after_the_timeout(group, demo_data, job, tmp_path):
+    """Rank 1 hangs (SIGSTOP: its sockets stay open) inside an all-reduce on a process group DeepSpeed made
+    (the gradient all-reduce) or on the default group (the loop's own): without an agent, rank 0 leaves the
+    collective after PIPELINE_DIST_TIMEOUT and exits non-zero, whichever group it waits in."""
+    out, trigger = tmp_path / "run", tmp_path / "stall"
     args = _overrides(demo_data, out, **{"train.steps": 1000, "train.ckpt_every": 0})
     job_id = free_slurm_job_id()
-    main = job.start([PY, *TRAIN, *args], srun_task_env(0, 2, job_id, PIPELINE_DIST_TIMEOUT=20), "task0")
-    stalled = job.start([PY, *TRAIN, *args], srun_task_env(1, 2, job_id, PIPELINE_DIST_TIMEOUT=20), "task1")
+    main = job.start([PY, *TRAIN, *args], srun_task_env(0, 2, job_id, PIPELINE_DIST_TIMEOUT=STALL_TIMEOUT_S), "task0")
+    hook = os.pathsep.join([str(REPO / "tests" / "launch" / "stall_hook"), clean_env()["PYTHONPATH"]])
+    job.start([PY, *TRAIN, *args], srun_task_env(1, 2, job_id, PIPELINE_DIST_TIMEOUT=STALL_TIMEOUT_S, PYTHONPATH=hook,
+                                                 TEST_STALL_TRIGGER=trigger, TEST_STALL_GROUP=group), "task1")
     wait_for(lambda: last_step(out) >= 2, 300, "step 2", job)
-    os.killpg(stalled.pid, signal.SIGSTOP)
-    stopped = time.monotonic()
-    wait_for(lambda: "Timed out" in job.log("task0") or "timed out" in job.log("task0"), 120,
-             "rank 0's collective to time out", interval=1)
-    assert time.monotonic() - stopped < 100  # 20 s timeout + the step in flight
-    _exits_in_time(main, job, 30, "task0")
-    assert main.returncode != 0
+    trigger.touch()
+    wait_for(lambda: Path(f"{trigger}.stopped").exists(), 60, f"rank 1 to stop in an all-reduce ({group} group)", job,
+             interval=0.1)
+    rc = job.exit_code(main, STALL_TIMEOUT_S + STEP_AND_EXIT_S, f"rank 0, its peer hung in the {group} group,")
+    assert rc != 0, job.logs()
+    assert "Timed out" in job.log("task0"), job.logs()  # gloo's timeout, not another failure
 
 
 @pytest.mark.slow
