@@ -56,7 +56,8 @@ if want sigmoid; then
     step sigmoid 100 "$PY" bench/sigmoid_loss_bench.py --device cuda --out "$OUT/sigmoid_rows.jsonl"
 fi
 if want window; then
-    : # window bench (to be filled)
+    step window "${WINDOW_LIMIT:-200}" "$PY" bench/window_attention_bench.py --budget-s "${WINDOW_BUDGET:-100}" \
+        --out "$OUT/window_attention.md"
 fi
 if want train; then  # ViT-B/16 bf16 batch 256: ours vs open_clip_train (TRAIN_VARIANTS picks the runs)
     step train "${TRAIN_LIMIT:-420}" "$PY" bench/train_vs_open_clip.py --device cuda --steps "${TRAIN_STEPS:-50}" \
