@@ -30,6 +30,16 @@ def kernel_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmuls():
+    """fp32 results are judged at ~1e-5 against float64: GEMMs must be IEEE fp32, not TF32 (which GPU training
+    runs switch on process-wide), whatever ran before in this process."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small copy of the demo dataset: 7 uneven train shards (6 x 90 + 1 x 20), 1 val shard."""

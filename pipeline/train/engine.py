@@ -51,12 +51,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int, checkpoint_zero_stage: int
         # on by default, and it synchronises the device twice per step (wall_clock_breakdown does not turn it off)
         "timers": {"throughput": {"enabled": False}},
     }
-    if plain:
+    if plain:  # clipping is PlainStep's: DeepSpeed's own (default 1.0!) reads the norm back with .item()
+        ds["gradient_clipping"] = 0.0
         if precision == "bf16":
             ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
         return ds
-    if t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
+    ds["gradient_clipping"] = t.grad_clip  # always: DeepSpeed clips at 1.0 when the key is absent
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif precision == "fp16":
