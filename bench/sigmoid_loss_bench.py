@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHODS = ("ours", "tiled", "open_clip")  # the CPU table
-GPU_METHODS = ("ours", "ours_bf16_logits", "open_clip", "tiled")
+GPU_METHODS = ("ours", "open_clip", "tiled")
 
 
 def _inputs(n: int, d: int, device: str, dtype: torch.dtype):
@@ -102,9 +102,6 @@ def matmul_tflops(device: str = "cuda") -> float:
 def gpu_case(method: str, n: int, d: int, tflops: float) -> dict:
     import triton.testing
 
-    import kernels.sigmoid_loss as sl
-
-    sl.LOGITS_FP32 = method != "ours_bf16_logits"
     fn = _loss_fn(method)
     row = {"method": method, "n": n, "d": d, "floor_ms": 3 * 2.0 * n * n * d / (tflops * 1e12) * 1e3}
     try:
@@ -130,7 +127,6 @@ def gpu_case(method: str, n: int, d: int, tflops: float) -> dict:
     except torch.OutOfMemoryError:
         row["oom"] = True
     finally:
-        sl.LOGITS_FP32 = True
         torch.cuda.empty_cache()
     return row
 

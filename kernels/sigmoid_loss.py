@@ -11,7 +11,7 @@ Three implementations of one contract, `loss_and_grads(x, y, t_prime, bias, has_
 - `reference`: the formula above with the full logit matrix (tests only).
 - `tiled`: PyTorch over small (rows x columns) tiles; memory is linear in n + m. The CPU path.
 - `blocks`: the GPU path, at the FLOP floor of three GEMMs. For each block of R rows: the logits S = X_R Y^T
-  (cuBLAS, fp32 result), one Triton elementwise pass that turns S into the coefficients t (sigmoid(z) - [pos])
+  (cuBLAS, fp32 accumulation, written in x's dtype as PyTorch's own logits are), one Triton elementwise pass that turns S into the coefficients t (sigmoid(z) - [pos])
   and per-row partial sums of the loss, dt' and db, then dX_R = G Y and dY += G^T X_R (cuBLAS, dY accumulated in
   fp32). R is sized so that one block's logits and coefficients stay under BLOCK_BYTES. A fused single pass in
   the style of FlashAttention would recompute the logits for dY (and at d = 768 its accumulators do not fit in
@@ -93,8 +93,7 @@ def _tiled_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: 
 # The GPU path does the floor's FLOPs: per block of R rows, three GEMMs on cuBLAS and one fused elementwise pass.
 # The logits of a block are kept (fp32) between its GEMM and the pass; R is sized so that the block's logits and
 # coefficients fit a fixed budget, which bounds the extra memory at any n (1.5 GB at n = m = 65,536).
-BLOCK_BYTES = 768 * 2**20  # logits + coefficients of one row block
-LOGITS_FP32 = True  # False: the logits GEMM writes x's dtype (half the logit bytes; bench/sigmoid_loss_bench.py)
+BLOCK_BYTES = 640 * 2**20  # logits + coefficients of one row block (peak extra memory 1.3 GiB at 65,536 x 768)
 ROW_ALIGN = 128  # R is a multiple of this (cuBLAS tiles), unless the whole of x is one block
 
 if triton is not None:
@@ -122,7 +121,8 @@ if triton is not None:
         u = tl.where(pos, z, -z)
         e = tl.exp(-tl.abs(z))  # one exp serves both, and never overflows: |u| = |z|
         nll = tl.where(valid, tl.maximum(-u, 0.0) + tl.log(1.0 + e), 0.0)  # softplus(-u)
-        sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        inv = tl.fdiv(1.0, 1.0 + e)  # one fast reciprocal (1 + e is in [1, 2]: no range issue), not two divisions
+        sig = tl.where(z >= 0, inv, e * inv)
         g = tl.where(valid, sig - pos.to(tl.float32), 0.0)
         if NEED_GRADS:
             # scaled by t, not t / n: |g t| <= 100 stays in fp16's normal range at any n; 1/n is applied after
@@ -135,7 +135,7 @@ if triton is not None:
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result: fp16/bf16 inputs stay in their dtype on the GPU (cuBLAS accumulates in fp32
-    and writes fp32), so the logits are not rounded to 8 bits before the sigmoid."""
+    and writes fp32)."""
     if a.dtype == torch.float32 or a.dtype == torch.float64:
         return a @ b
     if a.is_cuda:
@@ -152,16 +152,19 @@ def _accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) 
     return acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def row_block(n: int, m: int, coeff_bytes: int, logit_bytes: int = 4) -> int:
-    """Rows per block: as many as keep the block's logits and its coefficients within BLOCK_BYTES."""
-    rows = BLOCK_BYTES // (m * (logit_bytes + coeff_bytes))
+def row_block(n: int, m: int, elem_bytes: int) -> int:
+    """Rows per block: as many as keep the block's logits and coefficients (both in x's dtype) within
+    BLOCK_BYTES."""
+    rows = BLOCK_BYTES // (m * 2 * elem_bytes)
     if rows >= n:
         return n
     return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
 
 
 def _chunk(m: int) -> int:
-    return min(1024 if not INTERPRET else 64, triton.next_power_of_2(m))
+    """Columns per program: thousands, so that the three partial sums and their stores are amortised over
+    enough elements (1024 per program ran at a third of the bandwidth on an H200)."""
+    return min(4096 if not INTERPRET else 64, triton.next_power_of_2(m))
 
 
 def _block_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: bool):
@@ -171,8 +174,7 @@ def _block_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: 
     x, y = x.contiguous(), y.contiguous()
     tp = t_prime.reshape(1).float().contiguous()
     b = bias.reshape(1).float().contiguous()
-    logits = _mm_f32 if LOGITS_FP32 else torch.mm
-    rows = row_block(n, m, x.element_size(), 4 if LOGITS_FP32 else x.element_size())
+    rows = row_block(n, m, x.element_size())
     block = _chunk(m)
     n_chunks = triton.cdiv(m, block)
     sums = torch.zeros(3, dtype=torch.float32, device=x.device)  # loss, sum g s, sum g: unscaled
@@ -180,12 +182,12 @@ def _block_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: 
     dy = None
     for r0 in range(0, n, rows):
         xr = x[r0:r0 + rows]
-        s = logits(xr, y.T)
+        s = xr @ y.T  # in x's dtype, as PyTorch's own bf16 logits: measured faster than fp32 logits at 64k
         g = torch.empty(s.shape, dtype=x.dtype, device=x.device) if need_grads else s
         part = torch.empty(xr.shape[0], n_chunks, 3, dtype=torch.float32, device=x.device)
         _coefficients_kernel[(xr.shape[0], n_chunks)](
             s, g, part, tp, b, r0, n, m, s.stride(0), g.stride(0), n_chunks,
-            HAS_POS=has_positives, NEED_GRADS=need_grads, BLOCK=block, num_warps=4)
+            HAS_POS=has_positives, NEED_GRADS=need_grads, BLOCK=block, num_warps=8)
         sums += part.sum(dim=(0, 1))
         del s
         if need_grads:
