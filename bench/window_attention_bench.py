@@ -15,8 +15,8 @@ measured device-to-device copy bandwidth), the method's fwd+bwd time over ours (
 against torch.compile), peak memory of one forward+backward.
 
 Time (GPU). Compilation dominates a cold run: every Triton configuration of every kernel variant autotuning
-tries (~180 kernels for the default cases and the training step), and torch.compile (forward and backward) once
-per shape. So the run has two phases:
+tries (~190 kernels for the default cases and the training step, ~12 min of compiling on one core), and
+torch.compile (forward and backward) once per shape. So the run has two phases:
 1. warm-up (--warm-workers processes, default all CPUs but two, --warm-deadline-s): each job runs one case once
    with one forced autotune configuration (kernels.window_attention.FORCE_CONFIG) or compiles the reference for
    one shape, filling Triton's and Inductor's disk caches in parallel. Nothing is timed.
@@ -370,12 +370,11 @@ def train_step_rates(device, batch: int, steps: int, smoke: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- warm-up
-def _worker_init(device_type: str) -> None:
-    """Warm-up processes: Inductor compiles in-process (the parallelism is across these workers) and writes its
-    caches, which the timed process then reads."""
+def _compile_caches_on() -> None:
+    """Inductor's FX graph cache and AOTAutograd's cache (on by default in recent torch; made sure of): the warm-up
+    processes write them, the timed process reads them (compile_threads is not part of their keys)."""
     import torch._inductor.config as inductor_config
 
-    inductor_config.compile_threads = 1
     if hasattr(inductor_config, "fx_graph_cache"):
         inductor_config.fx_graph_cache = True
     try:
@@ -383,6 +382,14 @@ def _worker_init(device_type: str) -> None:
         functorch_config.enable_autograd_cache = True
     except (ImportError, AttributeError):
         pass
+
+
+def _worker_init(device_type: str) -> None:
+    """Warm-up processes: Inductor compiles in-process (the parallelism is across these workers)."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+    _compile_caches_on()
     _wa()
 
 
@@ -517,7 +524,8 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if use_cuda else "cpu")
     if device.type == "cpu":  # before the kernel module is imported (here and, inherited, in the workers)
         os.environ["TRITON_INTERPRET"] = "1"
-    wa = _wa()
+    _wa()  # imported now: after TRITON_INTERPRET, before the workers are spawned
+    _compile_caches_on()
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32  # the interpreter computes bf16 wrongly
     budget = args.budget_s if args.budget_s is not None else (150.0 if gpu else 900.0)

@@ -44,14 +44,19 @@ Triton kernels
   window it recomputes P from lse, dP = dO v^T, delta = rowsum(P * dP) (the whole row is in the tile, so out is
   never read), dz = P (dP - delta), and writes dq, dk, dv at the unrolled positions of dqkv; dbias (sum of dz)
   and d c accumulate in registers over the group's windows.
-- Backward, N > 64 (three launches): `_bwd_dq_kernel` (64 queries: delta = rowsum(dO * O), stored; dq over key
-  blocks), `_bwd_dkdv_kernel` (64 keys: dk, dv over query blocks, in transposed (key x query) tiles so that
-  the MMAs need no transposes), `_bwd_dbias_kernel` ((64 x 32) tile and group of windows: the sum of dz). Each
-  recomputes P; nothing N x N reaches global memory except the dbias partials.
+- Backward, N > 64 (three launches): `_bwd_dq_kernel` (64 queries: dq over key blocks, with dz formed from
+  delta = rowsum(dO * O) of the stored, rounded output as flash-attention does; on the way it sums the exact
+  delta = rowsum(P * dP) (= dO . unrounded O), stores that one for the other two kernels, and corrects its d c
+  term with it), `_bwd_dkdv_kernel` (64 keys: dk, dv over query blocks, in transposed (key x query) tiles so
+  that the MMAs need no transposes), `_bwd_dbias_kernel` ((64 x 32) tile and group of windows: the sum of dz).
+  Each recomputes P; nothing N x N reaches global memory except the dbias partials. Why the exact delta: d c
+  sums dz * cos over every pair, and the rounded output's delta error does not cancel there (it is multiplied
+  by sum_j P cos per row): in bf16 it made d c ~3.5x less accurate than PyTorch's mixed precision.
 - V2 gradients: g = dz khat is one dot (dq needs it anyway); F.normalize's backward is r (g - xhat (xhat . g))
-  where |x| >= eps and r g below it (r = 1 / max(|x|, eps)), and xhat . g = sum_j dz_ij cos_ij is also the row's
-  term of d c: the normalisation and d c cost one row sum of an (N, d) tile, for q and for k. The kernels
-  return d c; the clamp and the exp stay in PyTorch autograd (`window_attention`), so the gradient convention
+  where |x| >= eps and r g below it (r = 1 / max(|x|, eps)): one row sum of an (N, d) tile, for q and for k.
+  d c = sum_ij dz_ij cos_ij is summed from the fp32 tiles (dz * z0 / c), not from xhat . g, whose dot rounds
+  dz and khat to qkv's dtype: d c adds every pair of every window, so in bf16 those roundings would dominate
+  it (one more row sum of an (N, N) tile). The kernels return d c; the clamp and the exp stay in PyTorch autograd (`window_attention`), so the gradient convention
   at the clamp is PyTorch's and timm's by construction: 0 above log 100, and 0 at exactly log 100 too
   (torch.clamp with a Python-number bound passes no gradient at equality in torch 2.14; tested).
 - Determinism. Every output element is written by exactly one program and every sum runs in a fixed order:
@@ -240,18 +245,26 @@ if triton is not None:
         return b.to(tl.int64), row, col, rid
 
     @triton.jit
-    def _logits(q, k, rq, rk, c, bias, rid, cid, V2: tl.constexpr, SHIFTED: tl.constexpr, DOT: tl.constexpr):
-        """Logits s of one (rows x cols) tile: z0 = c * q.k (V1, c = d^-0.5) or c * cos(q, k) (V2: q.k * rq * rk,
-        the dot taking the raw q, k so fp16 / bf16 inputs enter it unrounded), s = z0 + bias (+ the -100 shift
-        mask between regions)."""
+    def _scores(q, k, rq, rk, c, V2: tl.constexpr, DOT: tl.constexpr):
+        """z0 of one (rows x cols) tile: c * q.k (V1, c = d^-0.5) or c * cos(q, k) (V2: q.k * rq * rk, the dot
+        taking the raw q, k so fp16 / bf16 inputs enter it unrounded)."""
         a = tl.dot(q, tl.trans(k), input_precision=DOT)
         if V2:
-            s = a * (c * rq)[:, None] * rk[None, :] + bias
-        else:
-            s = a * c + bias
+            return a * (c * rq)[:, None] * rk[None, :]
+        return a * c
+
+    @triton.jit
+    def _bias_mask(z0, bias, rid, cid, SHIFTED: tl.constexpr):
+        """s = z0 + bias (+ the -100 shift mask between regions)."""
+        s = z0 + bias
         if SHIFTED:
             s += tl.where(rid[:, None] != cid[None, :], -100.0, 0.0)
         return s
+
+    @triton.jit
+    def _logits(q, k, rq, rk, c, bias, rid, cid, V2: tl.constexpr, SHIFTED: tl.constexpr, DOT: tl.constexpr):
+        """Logits s of one (rows x cols) tile (`_scores`, then `_bias_mask`)."""
+        return _bias_mask(_scores(q, k, rq, rk, c, V2, DOT), bias, rid, cid, SHIFTED)
 
     # ------------------------------------------------------------------------------------------- forward
     @triton.jit
@@ -391,7 +404,8 @@ if triton is not None:
                 rq = 1.0 / tl.maximum(nq, EPS)
                 rk = 1.0 / tl.maximum(nk, EPS)
             bias = tl.load(bias_h + tok[:, None] * N + tok[None, :], mask=ok[:, None] & ok[None, :], other=0.0)
-            s = _logits(q, k, rq, rk, c, bias.to(tl.float32), rid, rid, V2, SHIFTED, DOT)
+            z0 = _scores(q, k, rq, rk, c, V2, DOT)
+            s = _bias_mask(z0, bias.to(tl.float32), rid, rid, SHIFTED)
             p = tl.where(ok[None, :], tl.exp(s - lse[:, None]), 0.0)  # padded rows: q = dO = 0, so dz = 0
             dp = tl.dot(do, tl.trans(v), input_precision=DOT)
             dz = p * (dp - tl.sum(p * dp, 1)[:, None])  # the whole row is here: delta = rowsum(P * dP)
@@ -399,15 +413,17 @@ if triton is not None:
             dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT)
             if V2:
                 # with g = dz khat (the gradient of qhat, over c) and F.normalize's backward
-                # dx = r (g - xhat (xhat . g)) where |x| >= eps, r g below; xhat . g = sum_j dz_ij cos_ij is also
-                # this row's term of d c
+                # dx = r (g - xhat (xhat . g)) where |x| >= eps, r g below (xhat . g = sum_j dz_ij cos_ij)
                 qh = qf * rq[:, None]
                 kh = kf * rk[:, None]
                 gq = tl.dot(dz.to(q.dtype), kh.to(q.dtype), input_precision=DOT)
                 gk = tl.dot(tl.trans(dz).to(q.dtype), qh.to(q.dtype), input_precision=DOT)
                 cq = tl.sum(qh * gq, 1)
                 ck = tl.sum(kh * gk, 1)
-                dsc += cq
+                # d c = sum_ij dz_ij cos_ij, from the fp32 tiles (dz z0 = c dz cos), not from cq: cq comes out
+                # of a dot whose inputs dz and khat are rounded to qkv's dtype, and d c adds every pair of every
+                # window, so those roundings would dominate it in bf16
+                dsc += tl.sum(dz * z0, 1)
                 dq = (gq - tl.where(nq >= EPS, cq, 0.0)[:, None] * qh) * (c * rq)[:, None]
                 dk = (gk - tl.where(nk >= EPS, ck, 0.0)[:, None] * kh) * (c * rk)[:, None]
             else:
@@ -425,7 +441,7 @@ if triton is not None:
         else:
             tl.store(dbias_ptr + pid.to(tl.int64) * (N * N) + tile, dbias, mask=pair_ok)
         if V2:
-            tl.store(dscale_ptr + pid, tl.sum(dsc, 0))
+            tl.store(dscale_ptr + pid, tl.sum(dsc, 0) / c)
 
     @triton.jit
     def _bwd_dq_kernel(qkv_ptr, bias_ptr, scale_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, dscale_ptr,
@@ -466,8 +482,12 @@ if triton is not None:
                          other=0.0)
             row_idx = (widx.to(tl.int64) * heads + h) * N + rows
             lse = tl.load(lse_ptr + row_idx, mask=row_ok, other=0.0)
+            # this pass forms dz with delta from the stored (rounded) output, as flash-attention does, and adds up
+            # the exact delta = rowsum(P * dP) = dO . (unrounded O) on the way, for dkdv / dbias and for d c
             delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-            tl.store(delta_ptr + row_idx, delta, mask=row_ok)
+            delta_exact = tl.zeros((BLOCK_M,), tl.float32)
+            pz = tl.zeros((BLOCK_M,), tl.float32)   # V2: sum_j P_ij z0_ij = c sum_j P_ij cos_ij
+            dzz = tl.zeros((BLOCK_M,), tl.float32)  # V2: sum_j dz_ij z0_ij = c sum_j dz_ij cos_ij (d c, fp32)
             rq = c
             if V2:
                 qf = q.to(tl.float32)
@@ -489,18 +509,28 @@ if triton is not None:
                 if V2:
                     kf = k.to(tl.float32)
                     rk = 1.0 / tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), EPS)
-                s = _logits(q, k, rq, rk, c, bias, rid, cid, V2, SHIFTED, DOT)
-                p = tl.where(pair_ok, tl.exp(s - lse[:, None]), 0.0)
+                z0 = _scores(q, k, rq, rk, c, V2, DOT)
+                p = tl.where(pair_ok, tl.exp(_bias_mask(z0, bias, rid, cid, SHIFTED) - lse[:, None]), 0.0)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT)
                 dz = p * (dp - delta[:, None])
+                delta_exact += tl.sum(p * dp, 1)
                 if V2:
+                    pz += tl.sum(p * z0, 1)
+                    dzz += tl.sum(dz * z0, 1)
                     acc += tl.dot(dz.to(q.dtype), (kf * rk[:, None]).to(q.dtype), input_precision=DOT)
                 else:
                     acc += tl.dot(dz.to(q.dtype), k, input_precision=DOT)
+            tl.store(delta_ptr + row_idx, delta_exact, mask=row_ok)
             if V2:  # as in the fused kernel; one d-scale partial per (window, query block, head)
                 qh = qf * rq[:, None]
                 cq = tl.sum(qh * acc, 1)
-                tl.store(dscale_ptr + (widx.to(tl.int64) * NUM_M + pid_m) * heads + h, tl.sum(cq, 0))
+                # d c = sum_ij dz_ij cos_ij from the fp32 tiles (as in the fused kernel) and with the exact delta:
+                # dz changes by P_ij (delta_i - delta_exact_i), so row i's term by (delta_i - delta_exact_i)
+                # sum_j P_ij cos_ij. Without it the output's rounding (bf16: 2^-9 relative) enters every row's term
+                # with the sign of sum_j P cos and d c ends up several times less accurate than PyTorch's
+                # mixed-precision backward (dq is fine as is: the error stays per element there).
+                dsc_rows = (dzz + (delta - delta_exact) * pz) / c
+                tl.store(dscale_ptr + (widx.to(tl.int64) * NUM_M + pid_m) * heads + h, tl.sum(dsc_rows, 0))
                 dq = (acc - tl.where(nq >= EPS, cq, 0.0)[:, None] * qh) * (c * rq)[:, None]
             else:
                 dq = acc * c

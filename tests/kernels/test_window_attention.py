@@ -120,9 +120,9 @@ def _tolerances(dtype, qkv, bias, ls, heads, window) -> dict[str, float]:
     tol = 8 u (L + sqrt(n)): 8 = the GPU's 4u per approximate operation x 2 (an operation rounds, then the
     product or sum it feeds rounds again). Measured on the interpreter: <= 1/8 of this tolerance.
     fp16. The kernels round P and dz to fp16 before the tensor-core dots (fp32 accumulation) and round their
-    outputs to fp16, each a relative error <= u16 = 2^-11, a few in sequence: 8 u16 on top of the fp32 terms.
-    d logit_scale: the tiled path forms dz from the fp16-rounded output (delta = rowsum(dO * O), as
-    flash-attention does), an error that does not cancel over a row as dz's own rounding does: 20 u16."""
+    outputs (out, dqkv, and dbias in the bias's dtype) to fp16, each a relative error <= u16 = 2^-11, a few in
+    sequence: 8 u16 on top of the fp32 terms. d logit_scale is summed from the fp32 tiles (dz * cos, with the
+    exact delta = rowsum(P * dP)) and returned in fp32: the fp32 tolerance."""
     C = qkv.shape[-1] // 3
     d = C // heads
     N = window[0] * window[1]
@@ -136,7 +136,7 @@ def _tolerances(dtype, qkv, bias, ls, heads, window) -> dict[str, float]:
     n = {"out": N, "dqkv": N, "dbias": windows, "dlogit_scale": windows * N * N}
     tol = {k: 8 * U32 * (L + math.sqrt(v)) for k, v in n.items()}
     if dtype == torch.float16:
-        tol = {k: v + (20 if k == "dlogit_scale" else 8) * U16 for k, v in tol.items()}
+        tol = {k: v + (0 if k == "dlogit_scale" else 8 * U16) for k, v in tol.items()}
     return tol
 
 
@@ -439,15 +439,20 @@ def build(fn, dtype, consts):
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
     print("ok", fn.__name__, dtype, consts["Mh"], flush=True)
 
-for dtype, M in (("bf16", 7), ("bf16", 12)):
-    outer, inner = wa._blocks(M * M)
-    meta = dict(Mh=M, Mw=M, d=32, V2=True, SHIFTED=True, DOT="tf32", EPS=1e-12, BLOCK_D=32)
-    build(wa._fwd_kernel, dtype, dict(meta, STORE_LSE=True, BLOCK_M=outer, BLOCK_N=inner, WPP=2))
+# (dtype, window, (outer, inner) blocks or None for the defaults, WPP of fwd / of dq and dkdv): the default paths in
+# bf16, then what the GPU tests launch untuned (first configuration: most windows per program): fp32 with IEEE
+# dots, and the tests' small tiled blocks (32, 16) in fp16
+for dtype, M, blocks, wpp in (("bf16", 7, None, (2, 1)), ("bf16", 12, None, (2, 1)), ("fp32", 7, None, (4, 2)),
+                              ("fp16", 7, (32, 16), (4, 2))):
+    outer, inner = blocks or wa._blocks(M * M)
+    meta = dict(Mh=M, Mw=M, d=32, V2=True, SHIFTED=True, DOT="ieee" if dtype == "fp32" else "tf32", EPS=1e-12,
+                BLOCK_D=32)
+    build(wa._fwd_kernel, dtype, dict(meta, STORE_LSE=True, BLOCK_M=outer, BLOCK_N=inner, WPP=wpp[0]))
     if inner >= M * M:
         build(wa._bwd_fused_kernel, dtype, dict(meta, ATOMIC=False, BLOCK=outer))
     else:
-        build(wa._bwd_dq_kernel, dtype, dict(meta, BLOCK_M=outer, BLOCK_N=inner, WPP=1))
-        build(wa._bwd_dkdv_kernel, dtype, dict(meta, BLOCK_M=inner, BLOCK_N=outer, WPP=1))
+        build(wa._bwd_dq_kernel, dtype, dict(meta, BLOCK_M=outer, BLOCK_N=inner, WPP=wpp[1]))
+        build(wa._bwd_dkdv_kernel, dtype, dict(meta, BLOCK_M=inner, BLOCK_N=outer, WPP=wpp[1]))
         build(wa._bwd_dbias_kernel, dtype, dict(meta, ATOMIC=True, BLOCK_M=outer, BLOCK_N=inner))
 '''
 
@@ -455,7 +460,8 @@ for dtype, M in (("bf16", 7), ("bf16", 12)):
 @pytest.mark.slow
 def test_kernels_compile_for_sm90_without_a_gpu():
     """ptxas for sm_90 on the CPU machine: catches kernel code that the interpreter accepts but the compiler
-    does not (types, layouts, shared memory), for the single-tile and the tiled paths, in bf16."""
+    does not (types, layouts, shared memory), for the single-tile and the tiled paths: bf16, fp32 (IEEE dots)
+    and the small fp16 tiles the GPU tests launch."""
     import os
     import subprocess
     import sys
@@ -465,4 +471,4 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=Path(__file__).resolve().parents[2], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 6, proc.stdout
+    assert proc.stdout.count("ok ") == 12, proc.stdout
