@@ -57,8 +57,8 @@ Triton kernels
   d c = sum_ij dz_ij cos_ij is summed from the fp32 tiles (dz * z0 / c), not from xhat . g, whose dot rounds
   dz and khat to qkv's dtype: d c adds every pair of every window, so in bf16 those roundings would dominate
   it (one more row sum of an (N, N) tile). The kernels return d c; the clamp and the exp stay in PyTorch autograd (`window_attention`), so the gradient convention
-  at the clamp is PyTorch's and timm's by construction: 0 above log 100, and 0 at exactly log 100 too
-  (torch.clamp with a Python-number bound passes no gradient at equality in torch 2.14; tested).
+  at the clamp is PyTorch's and timm's by construction: 0 above log 100; at exactly log 100 whatever this
+  torch version's clamp does (no gradient in torch 2.14, the gradient passed in torch 2.11; tested either way).
 - Determinism. Every output element is written by exactly one program and every sum runs in a fixed order:
   dbias partials (one (heads, N, N) fp32 slab per window group; groups sized for ~8 programs per SM) and the
   d c partials are reduced with torch.sum. This is the default: it costs one extra write and read of
