@@ -229,6 +229,12 @@ def loss_and_grads(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, bias
     raise ValueError(f"sigmoid_loss: unknown impl {impl!r}")
 
 
+def grads_needed(ctx) -> bool:
+    """Whether forward must make the gradients: an input requires them and autograd records (under
+    torch.no_grad(), needs_input_grad still says what the inputs require)."""
+    return torch.is_grad_enabled() and any(ctx.needs_input_grad[:4])
+
+
 def take_saved_grads(ctx) -> tuple[torch.Tensor, ...]:
     """The gradients computed in forward, handed out once: backward scales them in place and returns them, so
     they become .grad without a copy (peak memory = one set of gradients)."""
@@ -242,7 +248,7 @@ def take_saved_grads(ctx) -> tuple[torch.Tensor, ...]:
 class SigmoidLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto"):
-        need = any(ctx.needs_input_grad[:4])
+        need = grads_needed(ctx)
         loss, dx, dy, dt, db = loss_and_grads(x, y, t_prime, bias, True, need, impl)
         if need:
             ctx.save_for_backward(dx.to(x.dtype), dy.to(y.dtype), dt, db)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kernels.sigmoid_loss import Impl, loss_and_grads, sigmoid_loss, take_saved_grads
+from kernels.sigmoid_loss import Impl, grads_needed, loss_and_grads, sigmoid_loss, take_saved_grads
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], world: int, rank: int) -> list:
@@ -29,7 +29,7 @@ class RingSigmoidLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto"):
         world, rank = dist.get_world_size(), dist.get_rank()
-        need = any(ctx.needs_input_grad[:4])
+        need = grads_needed(ctx)
         n_local = torch.tensor([y.shape[0]], device=y.device)
         sizes = [torch.zeros_like(n_local) for _ in range(world)]
         dist.all_gather(sizes, n_local)  # blocks may differ in size (a batch that lost bad samples)
