@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Every check that needs a GPU, in one visit to a GPU machine: the GPU tests, then the benchmarks, each under its
-# own time limit, results written under $OUT as they finish (a killed step loses only itself).
+# own time limit. Every output goes to $WORK; after each step all of it is packed again into $OUT/results.tgz
+# (one file: a device session returns only a few files), so a killed step loses only itself.
 #
-#   OUT=runs/gpu_checks bash bench/gpu_checks.sh [step ...]     # steps: tests sigmoid window train mfu (default all)
+#   OUT=runs/gpu_out bash bench/gpu_checks.sh [step ...]     # steps: tests sigmoid window train mfu (default all)
 #
 # On a machine without a package index, put the device kit's wheels (deepspeed, open_clip_torch, webdataset 0.2.x,
 # simplejpeg, ...) in .whl/: they are installed into /tmp/site. Budget on one H100/H200: about 9 minutes.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
-OUT="${OUT:-runs/gpu_checks}"
-mkdir -p "$OUT"
+OUT="${OUT:-runs/gpu_out}"
+WORK="${WORK:-runs/gpu_checks}"
+mkdir -p "$OUT" "$WORK"
+FINAL_OUT="$OUT"
+OUT="$WORK"  # the steps write here; pack() copies it to $FINAL_OUT/results.tgz
 PY="${PYTHON:-python3}"
 if [ -d .whl ] && ! "$PY" -c "import deepspeed, open_clip, simplejpeg" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$OUT/pip.txt" 2>&1
@@ -18,6 +22,12 @@ if [ -d .whl ] && ! "$PY" -c "import deepspeed, open_clip, simplejpeg" 2>/dev/nu
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 STEPS="${*:-tests sigmoid window train mfu}"
+
+pack() {  # steps in parallel pack at once: each through its own temporary name, then an atomic rename
+    local tmp="$FINAL_OUT/.results-$BASHPID.tgz"
+    tar czf "$tmp" -C "$WORK" . 2>/dev/null && mv "$tmp" "$FINAL_OUT/results.tgz"
+    cp "$WORK/steps.txt" "$FINAL_OUT/steps.txt" 2>/dev/null
+}
 
 # step NAME SECONDS CMD...: runs CMD under a time limit, output to $OUT/NAME.txt, one status line to steps.txt
 step() {
@@ -27,6 +37,7 @@ step() {
     timeout --kill-after=15 "$limit" "$@" > "$OUT/$name.txt" 2>&1
     rc=$?
     echo "$(date -u +%H:%M:%S) $name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/steps.txt"
+    pack
 }
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 
@@ -69,4 +80,5 @@ if want mfu; then  # ViT-H/14 at the micro-batch plan recommends for one GPU: MF
         --results "$OUT/mfu_vit_h14.md"
 fi
 tar czf "$OUT/bench_runs.tgz" --exclude=checkpoints --exclude='*.tar' runs/bench 2>/dev/null
+pack
 cat "$OUT/steps.txt"
