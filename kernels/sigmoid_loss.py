@@ -229,10 +229,10 @@ def loss_and_grads(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, bias
     raise ValueError(f"sigmoid_loss: unknown impl {impl!r}")
 
 
-def grads_needed(ctx) -> bool:
-    """Whether forward must make the gradients: an input requires them and autograd records (under
-    torch.no_grad(), needs_input_grad still says what the inputs require)."""
-    return torch.is_grad_enabled() and any(ctx.needs_input_grad[:4])
+def grads_needed(*inputs: torch.Tensor) -> bool:
+    """Whether the gradients must be made: an input requires them and autograd is recording. Asked before
+    `Function.apply` (forward itself always runs with grad mode off, and `ctx.needs_input_grad` ignores it)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
 
 
 def take_saved_grads(ctx) -> tuple[torch.Tensor, ...]:
@@ -247,8 +247,7 @@ def take_saved_grads(ctx) -> tuple[torch.Tensor, ...]:
 
 class SigmoidLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto"):
-        need = grads_needed(ctx)
+    def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto", need: bool = True):
         loss, dx, dy, dt, db = loss_and_grads(x, y, t_prime, bias, True, need, impl)
         if need:
             ctx.save_for_backward(dx.to(x.dtype), dy.to(y.dtype), dt, db)
@@ -261,7 +260,7 @@ class SigmoidLoss(torch.autograd.Function):
         dx, dy, dt, db = take_saved_grads(ctx)
         tp_shape, b_shape, tp_dtype, b_dtype = ctx.shapes
         return (dx.mul_(grad.to(dx.dtype)), dy.mul_(grad.to(dy.dtype)), (dt * grad).reshape(tp_shape).to(tp_dtype),
-                (db * grad).reshape(b_shape).to(b_dtype), None)
+                (db * grad).reshape(b_shape).to(b_dtype), None, None)
 
 
 def sigmoid_loss(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, bias: torch.Tensor,
@@ -269,7 +268,7 @@ def sigmoid_loss(x: torch.Tensor, y: torch.Tensor, t_prime: torch.Tensor, bias: 
     """The 0-d SigLIP loss (mean over the n rows of x); differentiable in all four inputs."""
     if impl == "reference":
         return sigmoid_loss_reference(x, y, t_prime, bias)
-    return SigmoidLoss.apply(x, y, t_prime, bias, impl)
+    return SigmoidLoss.apply(x, y, t_prime, bias, impl, grads_needed(x, y, t_prime, bias))
 
 
 def flops(n: int, m: int, d: int) -> float:

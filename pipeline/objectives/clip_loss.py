@@ -13,16 +13,15 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
+from pipeline.train.distributed import rank_sizes
+
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenates `x` (n_r, d) of all ranks along dim 0, differentiably; returns it and this rank's offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
     world, rank = dist.get_world_size(), dist.get_rank()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
+    sizes = rank_sizes(x.shape[0])
     longest = max(sizes)
     padded = F.pad(x, (0, 0, 0, longest - x.shape[0])) if x.shape[0] < longest else x
     parts = dist_nn.all_gather(padded.contiguous())

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from kernels.sigmoid_loss import Impl, grads_needed, loss_and_grads, sigmoid_loss, take_saved_grads
+from pipeline.train.distributed import rank_sizes
 
 
 def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], world: int, rank: int) -> list:
@@ -27,13 +28,9 @@ def _exchange(send: list[torch.Tensor], recv: list[torch.Tensor], world: int, ra
 
 class RingSigmoidLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto"):
+    def forward(ctx, x, y, t_prime, bias, impl: Impl = "auto", need: bool = True):
         world, rank = dist.get_world_size(), dist.get_rank()
-        need = grads_needed(ctx)
-        n_local = torch.tensor([y.shape[0]], device=y.device)
-        sizes = [torch.zeros_like(n_local) for _ in range(world)]
-        dist.all_gather(sizes, n_local)  # blocks may differ in size (a batch that lost bad samples)
-        sizes = [int(s) for s in sizes]
+        sizes = rank_sizes(y.shape[0])  # blocks may differ in size (a batch that lost bad samples)
 
         block = y.contiguous()
         dy_pending = None  # (requests, buffer) of the accumulator still in flight
@@ -77,7 +74,7 @@ class RingSigmoidLoss(torch.autograd.Function):
         dx, dy, dt, db = take_saved_grads(ctx)
         tp_shape, b_shape = ctx.shapes
         return dx.mul_(grad.to(dx.dtype)), dy.mul_(grad.to(dy.dtype)), (dt * grad).reshape(tp_shape), \
-            (db * grad).reshape(b_shape), None
+            (db * grad).reshape(b_shape), None, None
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -88,6 +85,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     t_prime = torch.log(logit_scale.float().clamp(max=logit_scale_max)).reshape(())
     bias = logit_bias.float().reshape(())
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return RingSigmoidLoss.apply(image_features, text_features, t_prime, bias, impl)
+        return RingSigmoidLoss.apply(image_features, text_features, t_prime, bias, impl,
+                                     grads_needed(image_features, text_features, t_prime, bias))
     return sigmoid_loss(image_features, text_features, t_prime, bias, impl)
 

@@ -192,6 +192,32 @@ def init_process_group(env: DistEnv, backend: str) -> None:
     if _torchrun_restart() > 0:
         _init_on_fresh_keys(env, backend, timeout)  # DeepSpeed then adopts the initialised default group
     deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+    global _HOST_GROUP
+    if backend != "gloo" and env.world_size > 1:  # collective: every rank creates it, here, in the same order
+        import torch.distributed as dist
+
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=timeout)
+
+
+_HOST_GROUP = None  # a gloo group over every rank when the default group is NCCL's
+
+
+def rank_sizes(n: int) -> list[int]:
+    """Every rank's `n` (e.g. its local batch size), agreed on the host over `host_group()`."""
+    import torch
+    import torch.distributed as dist
+
+    sizes = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+    sizes[dist.get_rank()] = n
+    dist.all_reduce(sizes, group=host_group())
+    return sizes.tolist()
+
+
+def host_group():
+    """The process group for small host values (a batch size, a stop flag): gloo, on CPU tensors, so agreeing
+    on them never waits for the GPU's queue (an NCCL exchange of a size, read back with .item(), would stall
+    the host until the GPU reached it, every step). None means the default group, when that is gloo already."""
+    return _HOST_GROUP
 
 
 def _default_group_timeout(timeout: timedelta) -> None:

@@ -23,7 +23,7 @@ from pipeline.data.loader import (DataError, FetchSpec, LoaderSpec, ShardBatches
 from pipeline.tasks import build_task, check_task
 from pipeline.train.checkpoint import (checkpoint_meta, find_checkpoint, load_checkpoint, remove_partials,
                                        save_checkpoint)
-from pipeline.train.distributed import DistEnv, init_process_group
+from pipeline.train.distributed import DistEnv, host_group, init_process_group
 from pipeline.train.engine import build_engine
 from pipeline.train.metrics import MetricsLog
 from pipeline.train.profiling import StepProfiler
@@ -199,7 +199,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 keys_log.write(step, step_keys)
 
             profiler.step_ends(step)
-            preempted = preemption.requested(device if use_cuda else None)  # collective: all ranks stop together
+            preempted = preemption.requested(host_group())  # collective, on the host: all ranks stop together
             log_now = step % t.log_every == 0 or step == t.steps
             ckpt_now = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted
             if sync_debug != "off" and (log_now or ckpt_now):  # reading values back is what log steps are for

@@ -89,17 +89,18 @@ class PreemptionFlag:
     def received(self) -> signal.Signals | None:
         return self._received
 
-    def requested(self, device=None) -> bool:
+    def requested(self, group=None) -> bool:
         """True on every rank when any rank received a signal. Collective when a process group is up: call it
-        on every rank at the same point (once per optimizer step); `device` is where the flag tensor lives
-        (the engine's device; cpu for gloo)."""
+        on every rank at the same point (once per optimizer step). The flag travels as a CPU tensor over `group`
+        (a gloo group: `pipeline.train.distributed.host_group()`, None for the default group when that is gloo),
+        so polling it every step never waits for the GPU."""
         import torch
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return self.local
-        flag = torch.tensor([1 if self.local else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = torch.tensor([1 if self.local else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return bool(flag.item())
 
     def __enter__(self) -> "PreemptionFlag":

@@ -28,12 +28,18 @@ def test_engine_configuration_per_world_size_and_stage(world, stage, ckpt_stage,
     assert plain_step(cfg, world, ckpt_stage) is plain
     assert ds["zero_optimization"]["stage"] == ds_stage
     assert ds["timers"]["throughput"]["enabled"] is False  # its default synchronises the device twice per step
-    if plain:  # clipping is PlainStep's; bf16 is autocast over fp32 weights
-        assert "gradient_clipping" not in ds and "bf16" not in ds
+    if plain:  # clipping is PlainStep's (DeepSpeed's is off: its default is 1.0); bf16 is autocast over fp32 weights
+        assert ds["gradient_clipping"] == 0.0 and "bf16" not in ds
         assert ds.get("torch_autocast", {}).get("enabled", False) is (precision == "bf16")
     else:
         assert ds["gradient_clipping"] == 1.0 and "torch_autocast" not in ds
         assert ("bf16" in ds) is (precision == "bf16") and ("fp16" in ds) is (precision == "fp16")
+
+
+def test_no_clipping_means_none_from_deepspeed_either():
+    """train.grad_clip=0 on ZeRO: DeepSpeed must be told 0 (without the key it clips at 1.0)."""
+    ds = deepspeed_config(_cfg(**{"train.zero_stage": 2, "train.grad_clip": 0}), 4)
+    assert ds["gradient_clipping"] == 0.0
 
 
 def _model_and_optimizer(seed=0):
