@@ -152,3 +152,38 @@ def test_peak_memory_at_16k_is_20x_below_open_clip():
     assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
     assert ours["grad_bias"] == pytest.approx(theirs["grad_bias"], rel=1e-4)
     assert ours["peak_mib"] * 20 <= theirs["peak_mib"], (ours, theirs)
+
+
+_COMPILE_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import kernels.sigmoid_loss as sl
+
+fn = sl._coefficients_kernel
+for dtype in ("bf16", "fp16", "fp32"):
+    for need in (True, False):
+        consts = dict(HAS_POS=True, NEED_GRADS=need, BLOCK=4096)
+        sig = {n: "constexpr" if n in consts else ("*fp32" if n in ("part_ptr", "tp_ptr", "b_ptr") else f"*{dtype}")
+               if n.endswith("_ptr") else "i32" for n in fn.arg_names}
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
+        assert "div.rn.f32" not in kernel.asm["ptx"]  # the sigmoid's reciprocal is the fast one
+        print("ok", dtype, need, flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_coefficient_kernel_compiles_for_sm90_without_a_gpu():
+    """ptxas for sm_90 on a machine without a GPU: the coefficient pass in every dtype the GPU path launches."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("ok ") == 6, proc.stdout
