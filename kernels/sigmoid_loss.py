@@ -91,9 +91,10 @@ def _tiled_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: 
 
 # ----------------------------------------------------------------------------------------------- blocks
 # The GPU path does the floor's FLOPs: per block of R rows, three GEMMs on cuBLAS and one fused elementwise pass.
-# The logits of a block are kept (fp32) between its GEMM and the pass; R is sized so that the block's logits and
-# coefficients fit a fixed budget, which bounds the extra memory at any n (1.5 GB at n = m = 65,536).
-BLOCK_BYTES = 640 * 2**20  # logits + coefficients of one row block (peak extra memory 1.3 GiB at 65,536 x 768)
+# The logits of a block are kept (in x's dtype) between its GEMM and the pass; R is sized so that the block's
+# logits and coefficients fit a fixed budget, which bounds the extra memory at any n: with the fp32 dY
+# accumulator and the gradients, about 1.3 GiB at n = m = 65,536, d = 768 in bf16.
+BLOCK_BYTES = 640 * 2**20  # logits + coefficients of one row block
 ROW_ALIGN = 128  # R is a multiple of this (cuBLAS tiles), unless the whole of x is one block
 
 if triton is not None:
