@@ -50,6 +50,9 @@ class ModelConfig:
 class LossConfig:
     name: Literal["clip", "siglip"] = "clip"  # softmax over all ranks' pairs, or the sigmoid loss on a ring
     logit_scale_max: float = 100.0  # exp(t') is clamped here; the gradient is 0 beyond the clamp
+    siglip_init_scale: float = 10.0  # siglip: exp(t') at initialisation (SigLIP's t' = log 10)
+    siglip_init_bias: float = -10.0  # siglip: b at initialisation (SigLIP's -10, chosen for batches of 32k)
+    siglip_bias_lr_scale: float = 1.0  # siglip: b's lr is train.lr x this (Adam moves b by about lr a step)
     label_smoothing: float = 0.0  # supervised
     mixup: float = 0.0  # supervised: mixup Beta(a, a) alpha; 0 = off
     cutmix: float = 0.0  # supervised: cutmix alpha; 0 = off
@@ -268,6 +271,10 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr_milestones={t.lr_milestones} must be ascending")
     if cfg.simmim.norm_target_window and cfg.simmim.norm_target_window % 2 == 0:
         raise ConfigError(f"simmim.norm_target_window={cfg.simmim.norm_target_window} must be odd (or 0)")
+    if cfg.loss.siglip_bias_lr_scale <= 0:
+        raise ConfigError(f"loss.siglip_bias_lr_scale={cfg.loss.siglip_bias_lr_scale} must be > 0")
+    if cfg.loss.siglip_init_scale <= 0:
+        raise ConfigError(f"loss.siglip_init_scale={cfg.loss.siglip_init_scale} must be > 0 (it is exp(t'))")
     if not 0 < cfg.simmim.mask_ratio < 1:
         raise ConfigError(f"simmim.mask_ratio={cfg.simmim.mask_ratio} must be in (0, 1)")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):

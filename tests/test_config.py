@@ -20,6 +20,8 @@ def test_demo_config_loads_with_typed_overrides():
     ("train.batch_size=0", "train.batch_size=0 must be > 0"),
     ("train.betas=[0.9]", "train.betas=[0.9] must be two numbers"),
     ("steps", "override 'steps' must look like key=value"),
+    ("loss.siglip_init_scale=0", "loss.siglip_init_scale=0.0 must be > 0"),
+    ("loss.siglip_bias_lr_scale=-1", "loss.siglip_bias_lr_scale=-1.0 must be > 0"),
 ])
 def test_bad_values_name_the_key(override, fragment):
     with pytest.raises(ConfigError) as e:

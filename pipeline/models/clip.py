@@ -36,16 +36,21 @@ def check_model_name(name: str) -> None:
         raise ModelNameError(f"model.name={name!r} is not an open_clip model config; {hint}")
 
 
-def loss_init(loss_name: str) -> dict:
-    """Model constructor arguments a loss needs: SigLIP starts at t' = log 10 with a learnable bias b = -10."""
-    return {"init_logit_scale": math.log(10), "init_logit_bias": -10.0} if loss_name == "siglip" else {}
+def loss_init(loss_name: str, init_scale: float = 10.0, init_bias: float = -10.0) -> dict:
+    """Model constructor arguments a loss needs: SigLIP starts at t' = log(init_scale) with a learnable bias b =
+    init_bias (the paper's log 10 and -10 by default; `loss.siglip_init_*` in a run config)."""
+    if loss_name != "siglip":
+        return {}
+    return {"init_logit_scale": math.log(init_scale), "init_logit_bias": float(init_bias)}
 
 
-def create_clip(name: str, activation_checkpointing: bool = False, loss_name: str = "clip"):
-    """Returns (model, train_transform, eval_transform, tokenizer); weights are random (nothing downloads)."""
+def create_clip(name: str, activation_checkpointing: bool = False, loss_name: str = "clip",
+                init_scale: float = 10.0, init_bias: float = -10.0):
+    """Returns (model, train_transform, eval_transform, tokenizer); weights are random (nothing downloads).
+    `init_scale` / `init_bias`: SigLIP's exp(t') and b at initialisation (ignored for other losses)."""
     check_model_name(name)
     model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True,
-                                                                     **loss_init(loss_name))
+                                                                     **loss_init(loss_name, init_scale, init_bias))
     swap_swinv2_trunk(model)
     if activation_checkpointing:
         model.set_grad_checkpointing(True)

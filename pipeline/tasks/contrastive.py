@@ -36,15 +36,25 @@ class ContrastiveTask:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         model, train_tf, self.eval_transform, self.tokenizer = create_clip(
-            cfg.model.name, cfg.model.activation_checkpointing, cfg.loss.name)
+            cfg.model.name, cfg.model.activation_checkpointing, cfg.loss.name, cfg.loss.siglip_init_scale,
+            cfg.loss.siglip_init_bias)
         promote_scalar_params(model)
         self.model = model
         image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
         self.decoder = ImageTextDecoder(train_tf, self.tokenizer, cfg.data.jpeg_draft)
         self.flops_per_sample = clip_flops_per_sample(model, image_size, self.tokenizer.context_length)
 
-    def param_groups(self) -> None:
-        return None
+    def param_groups(self) -> list[dict] | None:
+        """The default groups, except that SigLIP's bias b may get its own lr (`loss.siglip_bias_lr_scale`)."""
+        scale = self.cfg.loss.siglip_bias_lr_scale
+        if self.cfg.loss.name != "siglip" or scale == 1.0:
+            return None
+        from pipeline.train.engine import param_groups
+
+        bias = self.model.logit_bias
+        groups = [{**g, "params": [p for p in g["params"] if p is not bias]}
+                  for g in param_groups(self.model, self.cfg.train.weight_decay)]
+        return groups + [{"params": [bias], "weight_decay": 0.0, "lr": self.cfg.train.lr * scale}]
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = compute_dtype(engine)
