@@ -137,7 +137,7 @@ def _check_step(result: dict, overrides: list[str], global_batch: int, accum: in
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=name)
 
 
-@pytest.mark.parametrize("loss", ["clip", "siglip"])
+@pytest.mark.parametrize("loss", ["clip", pytest.param("siglip", marks=pytest.mark.slow)])
 def test_one_rank_deepspeed_step_equals_one_big_batch(tmp_path, loss):
     """Through a real DeepSpeed engine (one rank: the plain step): 4 micro-batches of 6 = one batch of 24."""
     overrides = [f"loss.name={loss}", "train.grad_accum=4", "train.batch_size=6"]
