@@ -160,7 +160,9 @@ def test_two_rank_deepspeed_step_equals_one_big_batch(tmp_path, loss, stage):
 def test_accumulated_run_tracks_the_big_batch_run(demo_data, tmp_path, config):
     """2 ranks x 4 micro-batches of 16 against 2 ranks x 64: every step sees the same 128 samples (the loader
     hands out global batches in order; augmentation is seeded per sample) at the same weights, so the losses
-    differ only by fp32 summation order, which the optimizer carries forward."""
+    differ only by fp32 summation order, which the optimizer carries forward: measured 2e-7 relative over 4 steps
+    (CPU, fp32). Per-micro-batch negatives (32 pairs instead of 128) would be off by ~ln(128/32) = 1.4 nats at
+    the first step, so 1e-4 separates the two by four orders of magnitude."""
     runs = {}
     for name, extra in (("accum", {"train.batch_size": 16, "train.grad_accum": 4}),
                         ("big", {"train.batch_size": 64})):
@@ -171,6 +173,5 @@ def test_accumulated_run_tracks_the_big_batch_run(demo_data, tmp_path, config):
         runs[name] = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
     accum, big = runs["accum"], runs["big"]
     assert len(accum) == len(big) == 4
-    print("losses, accumulated:", accum, "one batch:", big)
     assert accum[0] == pytest.approx(big[0], rel=1e-5)  # same weights, same pairs: rounding only
-    assert accum == pytest.approx(big, rel=1e-3)
+    assert accum == pytest.approx(big, rel=1e-4)
