@@ -420,8 +420,8 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"batch: {plan.global_batch:,} global = {plan.gpus} GPUs x {plan.micro_batch:,} per micro-step x "
                  f"{plan.grad_accum} (train.grad_accum); loss {plan.loss}")
     lines.append(f"negatives: {plan.negatives:,} per pair (the whole global batch"
-                 + (f": the loss of each of the {plan.grad_accum} micro-steps spans all of them, with one more "
-                    f"forward per sample, in the step time)" if plan.grad_accum > 1 else ")"))
+                 + (f"; with {plan.grad_accum} micro-steps each one's loss spans all of them, at one more forward "
+                    f"per sample, counted in the step time)" if plan.grad_accum > 1 else ")"))
     for tw in plan.towers:
         shapes = sorted({(b.width, b.heads, b.mlp_hidden, b.tokens) for b in tw.blocks})
         desc = ", ".join(f"width {w} heads {a} mlp {f} tokens {s}" for w, a, f, s in shapes[:3])

@@ -18,7 +18,8 @@ take part in every pass and are left alone. Summed over the passes:
 
 Random state: the CPU and current-device generators are saved before each micro-batch's first encoding and
 restored before its second, so dropout (patch dropout included) draws the same masks in both passes and the
-live features equal the cached ones; afterwards the generators stand where one pass over the micro-batches
+live features equal the cached ones (on a GPU up to rounding, where a kernel without a graph takes another
+path); afterwards the generators stand where one pass over the micro-batches
 leaves them. BatchNorm running statistics (ResNet image towers) are updated in both passes.
 
 Cost, against accumulation with per-micro-batch negatives: one more forward per sample without a graph (about a
