@@ -30,15 +30,21 @@ keeps only its input, p * s * h, and one block at a time is recomputed in the ba
     checkpointed = sum over blocks of p * s * h  +  max over blocks of block(s, h, a, f)
 
 summed over both towers. Per rank and micro-step, with micro-batch b on W ranks, add the batch itself
-(b * (3 * H * W_img * p + 8 * context)) and the loss: the CLIP loss holds b x (b * W) logits, their softmax and
-gradient in fp32 (12 * b^2 * W bytes) plus the gathered features (2 * b * W * D * p); the sigmoid loss on a ring
-holds one b x b tile (12 * b^2). Embeddings, final norms and pooling heads are left out (each is one
+(b * (3 * H * W_img * p + 8 * context)) and the loss over the rank's R = G / W pairs of the step (R = b without
+accumulation; with train.grad_accum the loss of every micro-step spans the whole global batch G, see
+pipeline/train/full_batch_accumulation.py): the CLIP loss holds R x G logits, their softmax and gradient in fp32
+(12 * R * G bytes) plus the gathered features (2 * G * D * p); the sigmoid loss on a ring holds one R x R tile
+(12 * R^2). So the loss term stays that of the config's global batch whatever the micro-batch; "max mb" is the
+largest micro-batch that fits beside it. Embeddings, final norms and pooling heads are left out (each is one
 activation of one layer).
 
 FLOPs per sample are the trainer's own (pipeline.models.clip.clip_flops_per_sample: 6 x matmul parameters x
 tokens + attention scores, forward and backward); a step of G samples on W GPUs takes G * FLOPs / (W * MFU *
 peak). MFU counts model FLOPs, so the forward recomputed under activation checkpointing is part of what a given
-MFU has to absorb.
+MFU has to absorb. With train.grad_accum > 1 every sample is encoded once more without a graph (the cached
+features that keep the global batch's negatives): a third of a forward + backward more, counted in the step time.
+
+Negatives: every pair is scored against all G - 1 other pairs of the global batch (all ranks, all micro-steps).
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ import torch
 from pipeline.config import RunConfig, resolve_batch
 
 GiB = 1024**3
+ACCUM_FORWARD_FACTOR = 4 / 3  # forward + backward (3 forwards' worth) + the forward without graph
 
 
 @dataclass
@@ -110,6 +117,7 @@ class Plan:
     flops_per_sample: float  # forward + backward
     mfu: float
     peak_tflops: float
+    negatives: int  # per pair: the other pairs of the global batch (all ranks and micro-steps)
     step_time_s: float
     samples_per_s: float
     train_steps: int
@@ -295,12 +303,14 @@ def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0
     ckpt_ps, full_ps = activation_bytes_per_sample(tws, p, fused_attention)
     size, ctx, dim = image_size(model), _context_length(model), _embed_dim(model)
 
+    rows = t.global_batch_size // gpus  # the loss of a micro-step scores the rank's pairs of the whole step
+
     def batch_extra(b: int) -> float:
         inputs = b * (3 * size * size * p + 8 * ctx)
         if cfg.loss.name == "siglip":
-            loss = 12.0 * b * b
+            loss = 12.0 * rows * rows
         else:
-            loss = 12.0 * b * b * gpus + 2.0 * b * gpus * dim * p
+            loss = 12.0 * rows * rows * gpus + 2.0 * rows * gpus * dim * p
         return inputs + loss
 
     def activations(b: int, ckpt: bool) -> float:
@@ -329,7 +339,8 @@ def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0
                                     max_batch(states, True), max_batch(states, False)))
 
     flops = flops_per_sample(model)
-    step_time = t.global_batch_size * flops / (gpus * mfu * peak_tflops * 1e12)
+    recompute = ACCUM_FORWARD_FACTOR if t.grad_accum > 1 else 1.0  # the forward of the cached features
+    step_time = t.global_batch_size * flops * recompute / (gpus * mfu * peak_tflops * 1e12)
     plan = Plan(
         model=cfg.model.name, params=n, params_image=tws[0].params, params_text=tws[1].params, gpus=gpus,
         gpu_mem_bytes=mem, precision=precision, bytes_per_value=p, loss=cfg.loss.name,
@@ -337,7 +348,8 @@ def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0
         config_zero_stage=int(t.zero_stage), config_activation_checkpointing=cfg.model.activation_checkpointing,
         fused_attention=fused_attention, overhead_bytes=overhead, act_per_sample_ckpt=ckpt_ps,
         act_per_sample_full=full_ps, act_batch_ckpt=activations(b, True), act_batch_full=activations(b, False),
-        flops_per_sample=flops, mfu=mfu, peak_tflops=peak_tflops, step_time_s=step_time,
+        flops_per_sample=flops, mfu=mfu, peak_tflops=peak_tflops, negatives=t.global_batch_size - 1,
+        step_time_s=step_time,
         samples_per_s=t.global_batch_size / step_time, train_steps=t.steps, train_time_s=t.steps * step_time,
         towers=tws, stages=stages)
     plan.warnings = _warnings(plan)
@@ -366,7 +378,8 @@ def _warnings(plan: Plan) -> list[str]:
         if k:
             stage = min(s.stage for s in plan.stages if s.max_micro_batch_ckpt >= plan.global_batch // (plan.gpus * k))
             line += (f"; it fits with activation checkpointing at ZeRO-{stage} and train.grad_accum={k} "
-                     f"({plan.global_batch // (plan.gpus * k)} per micro-step)")
+                     f"({plan.global_batch // (plan.gpus * k)} per micro-step; every pair keeps its "
+                     f"{plan.negatives:,} negatives, for one more forward per sample)")
         elif cap:
             line += f"; at most {cap} samples per micro-step fit, and no train.grad_accum divides the batch so"
         else:
@@ -406,6 +419,9 @@ def format_plan(plan: Plan) -> str:
                  f"{plan.params_text:,}); {plan.precision} on {plan.gpus} GPUs x {plan.gpu_mem_bytes / GiB:g} GiB")
     lines.append(f"batch: {plan.global_batch:,} global = {plan.gpus} GPUs x {plan.micro_batch:,} per micro-step x "
                  f"{plan.grad_accum} (train.grad_accum); loss {plan.loss}")
+    lines.append(f"negatives: {plan.negatives:,} per pair (the whole global batch"
+                 + (f"; with {plan.grad_accum} micro-steps each one's loss spans all of them, at one more forward "
+                    f"per sample, counted in the step time)" if plan.grad_accum > 1 else ")"))
     for tw in plan.towers:
         shapes = sorted({(b.width, b.heads, b.mlp_hidden, b.tokens) for b in tw.blocks})
         desc = ", ".join(f"width {w} heads {a} mlp {f} tokens {s}" for w, a, f, s in shapes[:3])

@@ -7,7 +7,7 @@ the evaluation. The training loop (pipeline/train/loop.py) is the same for every
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
@@ -28,6 +28,20 @@ class Task(Protocol):
 
     def evaluate(self, model: torch.nn.Module) -> dict:
         """Evaluation of the (full, gathered) model on rank 0; {} when the config has no held-out data."""
+
+    # Optional: step_losses(engine, batches, device) -> Iterator[(loss, stats)], for a task whose micro-batch
+    # loss depends on the other micro-batches of the step (see `step_losses` below).
+
+
+def step_losses(task: Task, engine, batches: Iterable[dict], device: torch.device
+                ) -> Iterator[tuple[torch.Tensor, dict]]:
+    """The (loss, stats) of each of one optimizer step's micro-batches, in order; the loop backpropagates each
+    (DeepSpeed divides it by train.grad_accum) before asking for the next. By default a micro-batch's loss is
+    its own (`task.loss`); the contrastive task's spans the whole step (pipeline/train/full_batch_accumulation.py)."""
+    own = getattr(task, "step_losses", None)
+    if own is not None:
+        return own(engine, batches, device)
+    return (task.loss(engine, batch, device) for batch in batches)
 
 
 def check_task(cfg: RunConfig) -> None:

@@ -1,11 +1,13 @@
 """Image-text contrastive pretraining (CLIP / SigLIP) on an open_clip model.
 
 A batch's path: loader (ImageTextDecoder: image transform + tokenisation) -> open_clip model -> CLIP loss over
-all ranks' pairs (pipeline/objectives/clip_loss.py) or the sigmoid loss on a ring (siglip_loss.py).
+all ranks' pairs (pipeline/objectives/clip_loss.py) or the sigmoid loss on a ring (siglip_loss.py). With
+gradient accumulation the loss spans every micro-batch of the step (pipeline/train/full_batch_accumulation.py).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 
@@ -15,6 +17,7 @@ from pipeline.models.clip import check_model_name, clip_flops_per_sample, create
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
 from pipeline.train.engine import compute_dtype
+from pipeline.train.full_batch_accumulation import full_batch_losses
 
 
 def check(cfg: RunConfig) -> None:
@@ -57,9 +60,23 @@ class ContrastiveTask:
         return groups + [{"params": [bias], "weight_decay": 0.0, "lr": self.cfg.train.lr * scale}]
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        return self._loss_of(self._encode(engine, batch, device))
+
+    def step_losses(self, engine, batches: Iterable[dict],
+                    device: torch.device) -> Iterator[tuple[torch.Tensor, dict]]:
+        """With train.grad_accum > 1 the loss of each micro-batch spans the whole step's batch: negatives from
+        every micro-batch of every rank (pipeline/train/full_batch_accumulation.py)."""
+        if self.cfg.train.grad_accum == 1:
+            return (self.loss(engine, batch, device) for batch in batches)
+        return full_batch_losses(lambda batch: self._encode(engine, batch, device), self._loss_of, batches,
+                                 ("image_features", "text_features"), device)
+
+    def _encode(self, engine, batch: dict, device: torch.device) -> dict:
         dtype = compute_dtype(engine)
-        out = engine(self.decoder.image.model_input(batch["images"], device, dtype),
-                     batch["texts"].to(device, non_blocking=True))
+        return engine(self.decoder.image.model_input(batch["images"], device, dtype),
+                      batch["texts"].to(device, non_blocking=True))
+
+    def _loss_of(self, out: dict) -> tuple[torch.Tensor, dict]:
         loss = contrastive_loss(out, self.cfg)
         stats = {"logit_scale": out["logit_scale"].detach().float().clamp(max=self.cfg.loss.logit_scale_max)}
         if "logit_bias" in out:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict, to_yaml
 from pipeline.data.loader import (DataError, FetchSpec, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
                                   epoch_length, expand_sources, make_train_loader, parse_weights)
-from pipeline.tasks import build_task, check_task
+from pipeline.tasks import build_task, check_task, step_losses
 from pipeline.train.checkpoint import (checkpoint_meta, find_checkpoint, load_checkpoint, remove_partials,
                                        save_checkpoint)
 from pipeline.train.distributed import DistEnv, host_group, init_process_group
@@ -165,6 +165,22 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 "seed": t.seed, "config": to_dict(cfg)}
 
     step, k = start_step, 0
+
+    def step_batches(step_keys: list):
+        """The step's train.grad_accum micro-batches, fetched when the task asks for them."""
+        nonlocal k, position, window_wait
+        for _ in range(t.grad_accum):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            window_wait += time.perf_counter() - wait_start
+            if batch["index"] != k:
+                raise RuntimeError(f"loader order broken: got batch {batch['index']}, expected {k}")
+            k += 1
+            position = StreamPosition.from_dict(batch["next"])
+            budget.add(batch, t.batch_size)
+            step_keys += batch["keys"]
+            yield batch
+
     loss_sum = torch.zeros((), device=device)
     preemption = PreemptionFlag()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75 (requeue)
     # Between log steps nothing reads a device value: the host only queues work, and the GPU never idles
@@ -176,22 +192,16 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             if sync_debug != "off" and step > start_step:  # the first step initialises (optimizer state, cuDNN)
                 torch.cuda.set_sync_debug_mode(sync_debug)
             step_keys = []
-            for _ in range(t.grad_accum):
-                wait_start = time.perf_counter()
-                batch = next(batches)
-                window_wait += time.perf_counter() - wait_start
-                if batch["index"] != k:
-                    raise RuntimeError(f"loader order broken: got batch {batch['index']}, expected {k}")
-                k += 1
-                position = StreamPosition.from_dict(batch["next"])
-                budget.add(batch, t.batch_size)
-                step_keys += batch["keys"]
-                loss, stats = task.loss(engine, batch, device)
+            micro_steps = 0
+            for loss, stats in step_losses(task, engine, step_batches(step_keys), device):
                 engine.backward(loss)
                 if plain is not None and engine.is_gradient_accumulation_boundary():
                     plain.before_step()  # clipping and the non-finite guard, on the device
                 engine.step()
                 loss_sum += loss.detach() / t.grad_accum
+                micro_steps += 1
+            if micro_steps != t.grad_accum:  # DeepSpeed steps on every grad_accum-th backward
+                raise RuntimeError(f"the task gave {micro_steps} losses for train.grad_accum={t.grad_accum}")
             step += 1
             window_steps += 1
             samples_seen += t.global_batch_size

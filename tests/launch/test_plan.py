@@ -8,8 +8,8 @@ import torch
 from conftest import REPO, run_pipeline
 from pipeline.config import ConfigError, load_config
 from pipeline.models.clip import clip_flops_per_sample, create_clip
-from pipeline.plan import (Block, activation_bytes_per_sample, block_bytes, flops_per_sample, gpus_from_args,
-                           meta_model, model_state_bytes, plan_run, towers)
+from pipeline.plan import (Block, activation_bytes_per_sample, block_bytes, flops_per_sample, format_plan,
+                           gpus_from_args, meta_model, model_state_bytes, plan_run, towers)
 
 VIT_H14 = REPO / "configs" / "clip" / "vit_h14.yaml"
 VIT_H14_PARAMS = 986_109_441  # sum(p.numel()) of open_clip.create_model("ViT-H-14") allocated on the CPU
@@ -139,3 +139,18 @@ def test_cli_prints_the_table_and_the_warning(capsys):  # in-process: a CLI star
 def test_plan_verb_as_a_command():
     out = run_pipeline("plan", "--config", VIT_H14, "--gpus", "64", "--json").stdout
     assert json.loads(out)["params"] == VIT_H14_PARAMS
+
+
+def test_accumulation_keeps_the_global_batchs_negatives_and_costs_one_forward(vit_h):
+    one = plan_run(load_config(VIT_H14), 64, model=vit_h)
+    four = plan_run(load_config(VIT_H14, ["train.grad_accum=4"]), 64, model=vit_h)
+    assert (one.micro_batch, four.micro_batch) == (1280, 320)
+    assert one.negatives == four.negatives == 81919
+    assert four.step_time_s == pytest.approx(one.step_time_s * 4 / 3)  # the forward of the cached features
+    # the loss term is the whole step's (1280 rows x 81920 columns) in both: only the micro-batch part shrinks
+    per_sample_input = 3 * 224 * 224 * 2 + 8 * 77
+    assert one.act_batch_ckpt - four.act_batch_ckpt == pytest.approx(
+        (1280 - 320) * (one.act_per_sample_ckpt + per_sample_input))
+    assert "negatives: 81,919 per pair" in format_plan(four) and "4 micro-steps" in format_plan(four)
+    nothing_fits = plan_run(load_config(VIT_H14), 8, gpu_mem_gb=80, model=vit_h)
+    assert "every pair keeps its 81,919 negatives" in nothing_fits.warnings[0]
