@@ -76,9 +76,11 @@ class ContrastiveTask:
         t = self.cfg.train
         if t.layer_decay == 1:
             return None  # the default decay / no-decay split (engine.param_groups)
+        from pipeline.train.engine import no_weight_decay
         from pipeline.train.layer_decay import layer_decay_param_groups
 
-        return layer_decay_param_groups(self.model, t.lr, t.weight_decay, t.layer_decay)
+        return layer_decay_param_groups(self.model, t.lr, t.weight_decay, t.layer_decay,
+                                        no_weight_decay_fn=no_weight_decay)
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = compute_dtype(engine)
