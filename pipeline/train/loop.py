@@ -274,11 +274,12 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     if metrics:
         metrics.close()
     results = evaluate_engine(engine, task, cfg, is_main) if t.eval_at_end else {}
-    if ema is not None and t.eval_at_end:  # the average beside the raw weights, as ema_<metric>
+    if ema is not None and results:  # the average beside the raw weights, as ema_<metric>
         if is_main:
             print(f"evaluating the weight EMA (train.ema_decay={t.ema_decay})", flush=True)
         with ema.swapped_in():
-            results.update({f"ema_{k}": v for k, v in evaluate_engine(engine, task, cfg, is_main).items()})
+            results.update({f"ema_{k}": v for k, v in evaluate_engine(engine, task, cfg, is_main).items()
+                            if k not in ("samples", "classes")})
     if is_main and results:
         (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
     if keys_log:
