@@ -165,3 +165,28 @@ def test_patch_dropout_drops_patches_in_training_only():
     model.eval()
     model.encode_image(images)
     assert tokens == [1 + 18, 1 + 36]  # 6 x 6 patches of 8 px: half kept in training, plus the class token
+
+
+def test_backbone_pretrained_from_timm_files(tmp_path):
+    """Same key for backbones: a timm checkpoint file or directory initialises the ViT; another architecture is
+    one ConfigError line."""
+    from safetensors.torch import save_file
+
+    from pipeline.models.backbone import create_backbone
+    from pipeline.tasks.backbone import _init_weights
+
+    torch.manual_seed(3)
+    source = create_backbone("demo_vit").state_dict()
+    timm_dir = tmp_path / "timm_dir"
+    timm_dir.mkdir()
+    save_file(source, str(timm_dir / "model.safetensors"))
+    (timm_dir / "config.json").write_text("{}")
+    torch.save({"state_dict": source}, tmp_path / "vit.pth")
+    for path in (timm_dir, tmp_path / "vit.pth"):
+        torch.manual_seed(4)
+        model = create_backbone("demo_vit")
+        _init_weights(model, str(path))
+        _assert_loaded(model, source)
+    with pytest.raises(ConfigError, match="pretrained weights do not fit the backbone") as e:
+        _init_weights(create_backbone("demo_vit", depth=2), str(tmp_path / "vit.pth"))
+    assert "\n" not in str(e.value) and str(e.value).startswith("model.pretrained=")
