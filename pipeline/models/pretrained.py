@@ -65,13 +65,26 @@ def _unwrap(obj, source: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors or torch file (tensors only; loaded with weights_only=True)."""
+class _Shape:
+    """A tensor's shape without its data (safetensors header), for the pre-launch check."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def read_weights_file(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or torch file (tensors only; loaded with weights_only=True).
+    shapes_only: safetensors files give objects with only a .shape (nothing but the header is read)."""
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
+            if shapes_only:
+                with safe_open(str(path), framework="pt") as f:
+                    shapes = {k: _Shape(f.get_slice(k).get_shape()) for k in f.keys()}
+                return {(k.removeprefix("module.") if all(n.startswith("module.") for n in shapes) else k): v
+                        for k, v in shapes.items()}
             return _unwrap(load_file(str(path)), path)
         except SafetensorError as e:
             raise ConfigError(f"model.pretrained: {path} is not a valid safetensors file ({e})") from None
@@ -97,16 +110,17 @@ def weights_file(path: Path) -> Path | None:
     return None
 
 
-def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
-    """The weights `model.pretrained` names (see the module docstring), on the CPU, with our key layout."""
+def read_state_dict(source: str | Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The weights `model.pretrained` names (see the module docstring), on the CPU, with our key layout.
+    shapes_only: the values may only carry .shape (torch files are memory-mapped, so little is read either way)."""
     p = check_source(str(source))
     if p.is_file() and p.name == "latest":  # checkpoints/latest: the checkpoint it names
         p = p.parent
     if p.is_file():
-        return read_weights_file(p)
+        return read_weights_file(p, shapes_only)
     found = weights_file(p)
     if found is not None:
-        return read_weights_file(found)
+        return read_weights_file(found, shapes_only)
     from pipeline.export import consolidated_state_dict
     from pipeline.train.checkpoint import resolve_checkpoint
 
@@ -119,8 +133,8 @@ def read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     return consolidated_state_dict(ckpt)
 
 
-def _shape(t: torch.Tensor | torch.Size) -> tuple:
-    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+def _shape(t) -> tuple:
+    shape = tuple(t.shape)
     return () if shape == (1,) else shape  # logit_scale: () in open_clip, (1,) once promoted for DeepSpeed
 
 
@@ -141,7 +155,7 @@ def check_clip_pretrained(name: str, source: str, loss_name: str = "clip", patch
     """Before launch: the weights `source` names fit the architecture `name` (built on the meta device)."""
     from pipeline.models.clip import build_open_clip
 
-    state = read_state_dict(source)
+    state = read_state_dict(source, shapes_only=True)
     model = build_open_clip(name, loss_name, patch_dropout, device="meta")
     problem = mismatch(model.state_dict(), state)
     if problem:
