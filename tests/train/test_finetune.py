@@ -126,3 +126,26 @@ def test_export_ema(exported, lit, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: --ema:") and err.count("\n") == 1 and "holds no weight EMA" in err
     assert not (tmp_path / "none").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_zero1_lit_text_patch_dropout_layer_decay_ema(demo_data, exported, tmp_path):
+    """The same on 2 ranks under ZeRO-1 (DeepSpeed's flat partitioned buffers): the locked text tower stays
+    bitwise, every image tensor trains, and the EMA is still the average of the consolidated weights."""
+    out = tmp_path / "run"
+    run_pipeline("train", "--config", DEMO_CONFIG, "--nproc-per-node", "2", *_overrides(demo_data, out, **{
+        "model.pretrained": exported / "export", "model.lock_text": "true", "model.patch_dropout": 0.5,
+        "train.layer_decay": 0.8, "train.zero_stage": 1, "train.batch_size": 16, "train.steps": 3,
+        "train.warmup_steps": 1, "train.ckpt_every": 1, "train.keep_last": 5, "train.ema_decay": 0.5}))
+    start = load_file(str(exported / "export" / "open_clip_model.safetensors"))
+    average = dict(start)
+    for step in (1, 2, 3):
+        weights = consolidated_state_dict(_ckpt(out, step))
+        average = {k: 0.5 * v + 0.5 * weights[k].reshape(v.shape) for k, v in average.items()}
+        saved = read_ema(_ckpt(out, step))
+        assert set(saved) == {k for k in start if k.startswith(("visual.", "logit_"))}
+        for k, v in saved.items():
+            torch.testing.assert_close(v.reshape(average[k].shape), average[k], rtol=0, atol=1e-6, msg=k)
+    text = [k for k in start if not k.startswith(("visual.", "logit_"))]
+    assert all(torch.equal(weights[k], start[k]) for k in text)
+    assert all(not torch.equal(weights[k], start[k]) for k in start if k.startswith("visual."))
