@@ -18,6 +18,8 @@ traceback from every rank.
 """
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -89,14 +91,21 @@ def read_weights_file(path: Path, shapes_only: bool = False) -> dict[str, torch.
         except SafetensorError as e:
             raise ConfigError(f"model.pretrained: {path} is not a valid safetensors file ({e})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # mmap needs the zip format; older files load whole
         try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # mmap needs the zip format; older files load whole
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConfigError(f"model.pretrained: cannot read {path} as a weights file: "
-                              f"{str(e).splitlines()[0][:200]}") from None
-    except Exception as e:  # weights_only refuses pickled objects other than tensors and containers
+    except pickle.UnpicklingError as e:
+        # weights_only rebuilds only tensors and plain containers; a class or function is refused, not called
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found is None:
+            raise ConfigError(f"model.pretrained: cannot read {path} as a weights file (neither a torch nor a "
+                              f"safetensors file)") from None
+        raise ConfigError(f"model.pretrained: {path} holds pickled Python objects besides tensors "
+                          f"({found.group(1)}), which are "
+                          f"never unpickled here; save its state dict alone (torch.save(ckpt['state_dict'], "
+                          f"'weights.pt')) or as .safetensors") from None
+    except Exception as e:
         raise ConfigError(f"model.pretrained: cannot read {path} as a weights file: "
                           f"{str(e).splitlines()[0][:200]}") from None
     return _unwrap(obj, path)

@@ -108,9 +108,12 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
             return (open, (str(marker), "w"))
 
     torch.save({"state_dict": {"w": torch.zeros(1)}, "hook": Payload()}, tmp_path / "evil.pt")
-    with pytest.raises(ConfigError, match="cannot read .* as a weights file"):
+    with pytest.raises(ConfigError, match="holds pickled Python objects besides tensors .*open.*never unpickled"):
         read_state_dict(str(tmp_path / "evil.pt"))
     assert not marker.exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="cannot read .* as a weights file"):
+        read_state_dict(str(tmp_path / "junk.pt"))
 
 
 def test_config_keys(tmp_path):
