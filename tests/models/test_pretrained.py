@@ -193,3 +193,18 @@ def test_backbone_pretrained_from_timm_files(tmp_path):
     with pytest.raises(ConfigError, match="pretrained weights do not fit the backbone") as e:
         _init_weights(create_backbone("demo_vit", depth=2), str(tmp_path / "vit.pth"))
     assert "\n" not in str(e.value) and str(e.value).startswith("model.pretrained=")
+
+
+def test_cli_refuses_a_wrong_architecture_before_launching(demo_data, source, tmp_path):
+    from conftest import DEMO_CONFIG, run_pipeline, train_overrides
+
+    torch.save({"state_dict": source}, tmp_path / "tiny.pt")
+    proc = run_pipeline("train", "--config", DEMO_CONFIG, "--nproc-per-node", "2",
+                        *train_overrides(demo_data, tmp_path / "run", **{"model.name": "ViT-B-32",
+                                                                          "model.pretrained": tmp_path / "tiny.pt"}),
+                        check=False, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: model.pretrained={tmp_path / 'tiny.pt'} does not fit "
+                                                   f"model.name=ViT-B-32: "), proc.stderr
+    assert "torch.distributed" not in proc.stderr and not (tmp_path / "run").exists()
