@@ -142,7 +142,10 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
         if ema is not None:
             saved_ema = read_ema(resume_from)
             if saved_ema is not None:
-                ema.load_state_dict(saved_ema)
+                try:
+                    ema.load_state_dict(saved_ema)
+                except ValueError as e:
+                    raise ConfigError(f"train.ema_decay: {resume_from}: {e}") from None
             else:  # the run enables the EMA only now: it starts from the resumed weights
                 ema = WeightEMA(engine.module, t.ema_decay)
         if state["world_size"] != env.world_size and is_main:  # load_checkpoint converted it (universal)
