@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,10 +92,12 @@ def read_weights_file(path: Path, shapes_only: bool = False) -> dict[str, torch.
         except SafetensorError as e:
             raise ConfigError(f"model.pretrained: {path} is not a valid safetensors file ({e})") from None
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # mmap needs the zip format; older files load whole
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive: the error says it
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # mmap needs the zip format; older files load whole
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only rebuilds only tensors and plain containers; a class or function is refused, not called
         found = re.search(r"GLOBAL (\S+)", str(e))
@@ -106,6 +109,10 @@ def read_weights_file(path: Path, shapes_only: bool = False) -> dict[str, torch.
                           f"never unpickled here; save its state dict alone (torch.save(ckpt['state_dict'], "
                           f"'weights.pt')) or as .safetensors") from None
     except Exception as e:
+        if "TorchScript" in str(e):
+            raise ConfigError(f"model.pretrained: {path} is a TorchScript archive (e.g. OpenAI's original CLIP "
+                              f"files), which is code, not weights; convert it once: open_clip.create_model(NAME, "
+                              f"pretrained='{path}') and save its state_dict() as .safetensors") from None
         raise ConfigError(f"model.pretrained: cannot read {path} as a weights file: "
                           f"{str(e).splitlines()[0][:200]}") from None
     return _unwrap(obj, path)

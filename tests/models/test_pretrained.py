@@ -111,6 +111,9 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
     with pytest.raises(ConfigError, match="holds pickled Python objects besides tensors .*open.*never unpickled"):
         read_state_dict(str(tmp_path / "evil.pt"))
     assert not marker.exists()
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), tmp_path / "openai_style.pt")
+    with pytest.raises(ConfigError, match="is a TorchScript archive .* convert it once"):
+        read_state_dict(str(tmp_path / "openai_style.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read .* as a weights file"):
         read_state_dict(str(tmp_path / "junk.pt"))
