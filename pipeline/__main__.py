@@ -106,7 +106,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_checkpoint, open_clip_export_kwargs
 
-    out = export_checkpoint(_checkpoint(args.checkpoint), args.out)
+    from pipeline.train.ema import EMA_FILE
+
+    ckpt = _checkpoint(args.checkpoint)
+    if args.ema and not (ckpt / EMA_FILE).is_file():
+        raise UserError(f"--ema: {ckpt} holds no weight EMA (train with train.ema_decay > 0, e.g. 0.9998)")
+    out = export_checkpoint(ckpt, args.out, ema=args.ema)
     if (out / "config.json").is_file():
         print(f"timm directory written: {out} (load with timm.create_model('local-dir:{out}', pretrained=True))")
         return 0
@@ -255,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="checkpoint (any ZeRO stage) -> open_clip directory")
     x.add_argument("--checkpoint", required=True, help="checkpoint dir (step_XXXXXXXX) or run dir (its newest)")
     x.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    x.add_argument("--ema", action="store_true", help="the weight EMA (train.ema_decay) instead of the raw weights")
     x.set_defaults(func=cmd_export)
 
     d = sub.add_parser("demo", help="generate the demo data, train on 2 ranks (CLIP by default), evaluate, export")

@@ -43,7 +43,17 @@ class ModelConfig:
     #                          timm vit_* name, a swinv2_* name or a demo preset (pipeline/models/backbone.py)
     activation_checkpointing: bool = False
     kwargs: dict = field(default_factory=dict)  # backbone constructor arguments (timm's: num_classes, img_size...)
-    init_from: str = ""  # backbones: a checkpoint (or run) directory whose weights initialise the model
+    # initial weights from a local copy (nothing downloads): a .safetensors / .pt / .bin file, an open_clip or
+    # timm directory, or a checkpoint / run directory of ours; checked against model.name before launch
+    pretrained: str = ""
+    init_from: str = ""  # the older name of model.pretrained (kept as an alias)
+    # LiT: frozen towers get no gradient and no optimizer state (open_clip's lock_image_tower / lock_text_tower)
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0  # with lock_image: the last N layer groups of the image tower still train
+    lock_image_freeze_bn_stats: bool = False  # with lock_image: BatchNorm statistics frozen too (ResNet / timm towers)
+    lock_text: bool = False
+    lock_text_unlocked_layers: int = 0  # with lock_text: the last N layer groups (projection, last block...) train
+    patch_dropout: float = 0.0  # CLIP ViT image towers: FLIP's fraction of patches dropped in training (0 = off)
 
 
 @dataclass
@@ -105,7 +115,8 @@ class TrainConfig:
     lr_milestones: list[int] = field(default_factory=list)  # multistep: steps where lr *= lr_gamma
     lr_gamma: float = 0.1
     peak_tflops: float = 0.0  # per-device peak for the MFU metric; 0 = from the GPU's name (H100/H200/A100 bf16)
-    layer_decay: float = 1.0  # backbones: layer-wise lr decay (1 = off); lr x decay^(depth - layer)
+    layer_decay: float = 1.0  # layer-wise lr decay (1 = off); lr x decay^(depth - layer), per CLIP tower
+    ema_decay: float = 0.0  # exponential moving average of the weights (0 = off; e.g. 0.9998): saved, evaluated
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 200  # 0: only at the end
@@ -279,8 +290,38 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"simmim.mask_ratio={cfg.simmim.mask_ratio} must be in (0, 1)")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1)")
+    _check_model(cfg)
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off)")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
+
+
+def _check_model(cfg: RunConfig) -> None:
+    m = cfg.model
+    if m.init_from and m.pretrained and m.init_from != m.pretrained:
+        raise ConfigError(f"model.init_from={m.init_from!r} and model.pretrained={m.pretrained!r} disagree; "
+                          f"model.init_from is the older name of model.pretrained: set only one")
+    m.pretrained = m.pretrained or m.init_from
+    m.init_from = ""
+    if not 0 <= m.patch_dropout < 1:
+        raise ConfigError(f"model.patch_dropout={m.patch_dropout} must be in [0, 1)")
+    for key, v in {"model.lock_image_unlocked_groups": m.lock_image_unlocked_groups,
+                   "model.lock_text_unlocked_layers": m.lock_text_unlocked_layers}.items():
+        if v < 0:
+            raise ConfigError(f"{key}={v} must be >= 0")
+    if (m.lock_image_unlocked_groups or m.lock_image_freeze_bn_stats) and not m.lock_image:
+        raise ConfigError("model.lock_image_unlocked_groups / lock_image_freeze_bn_stats need model.lock_image=true")
+    if m.lock_text_unlocked_layers and not m.lock_text:
+        raise ConfigError("model.lock_text_unlocked_layers needs model.lock_text=true")
+    if cfg.task != "clip":
+        used = [k for k, on in (("model.lock_image", m.lock_image), ("model.lock_text", m.lock_text),
+                                ("model.patch_dropout", m.patch_dropout)) if on]
+        if used:
+            raise ConfigError(f"{', '.join(used)} apply to task=clip only (task={cfg.task})")
+        if cfg.task == "imagebind" and m.pretrained:
+            raise ConfigError("model.pretrained does not apply to task=imagebind: its towers come from "
+                              "imagebind.towers")
 
 
 def resolve_batch(cfg: RunConfig, world_size: int) -> None:

@@ -32,17 +32,31 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     return module
 
 
+def checkpoint_weights(ckpt: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """consolidated_state_dict, with the trained parameters replaced by their EMA (train.ema_decay) if `ema`."""
+    from pipeline.train.ema import read_ema
+
+    state = consolidated_state_dict(ckpt)
+    if ema:
+        average = read_ema(ckpt)
+        if average is None:
+            raise FileNotFoundError(f"{ckpt} holds no weight EMA (the run had no train.ema_decay)")
+        state.update({k: v.reshape(state[k].shape) if k in state else v for k, v in average.items()})
+    return state
+
+
 def checkpoint_config(ckpt: Path) -> dict:
     return yaml.safe_load((ckpt / "config.yaml").read_text())
 
 
-def load_model_from_checkpoint(ckpt: Path):
-    """(model, train_transform, eval_transform, tokenizer, config dict) with the checkpoint's weights."""
+def load_model_from_checkpoint(ckpt: Path, ema: bool = False):
+    """(model, train_transform, eval_transform, tokenizer, config dict) with the checkpoint's weights (its
+    weight EMA if `ema`)."""
     from pipeline.models.clip import create_clip, load_state_dict_reshaped
 
     cfg = checkpoint_config(ckpt)
     model, train_tf, eval_tf, tokenizer = create_clip(cfg["model"]["name"], loss_name=cfg["loss"]["name"])
-    state = consolidated_state_dict(ckpt)
+    state = checkpoint_weights(ckpt, ema)
     clamp_logit_scale(state, cfg["loss"]["logit_scale_max"])
     load_state_dict_reshaped(model, state)
     return model, train_tf, eval_tf, tokenizer, cfg
@@ -62,7 +76,7 @@ def open_clip_export_kwargs(export_dir: str | Path) -> dict:
     return dict(cfg.get("pipeline", {}).get("open_clip_kwargs", {}))
 
 
-def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_open_clip(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
     from safetensors.torch import save_file
     import open_clip
 
@@ -70,7 +84,7 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from pipeline.models.clip import loss_init, open_clip_load_kwargs
 
     ckpt = resolve_checkpoint(checkpoint)
-    model, _, _, _, cfg = load_model_from_checkpoint(ckpt)
+    model, _, _, _, cfg = load_model_from_checkpoint(ckpt, ema)
     name = cfg["model"]["name"]
     model_cfg = {**open_clip.get_model_config(name), **loss_init(cfg["loss"]["name"])}  # SigLIP: keeps logit_bias
     pp = model.visual.preprocess_cfg
@@ -84,6 +98,7 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
     (tmp / "open_clip_config.json").write_text(json.dumps({
         "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
         "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1]),
+                     "weights": "ema" if ema else "raw",
                      **({"open_clip_kwargs": kw} if (kw := open_clip_load_kwargs(model)) else {})},
     }, indent=2))
     export_clip_image_trunk(model, tmp / "timm_image_trunk")  # SwinV2 trunks only; None (nothing) otherwise
@@ -93,7 +108,7 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
     """An ImageBind run's checkpoint -> `export_imagebind` layout: towers/ (open_clip directory) and one
     `<modality>/` encoder directory each (`pipeline.models.imagebind.load_encoder`)."""
     from pipeline.config import load_config
@@ -103,11 +118,11 @@ def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> 
 
     ckpt = resolve_checkpoint(checkpoint)
     task = ImageBindTask(load_config(ckpt / "config.yaml"))
-    load_state_dict_reshaped(task.model, consolidated_state_dict(ckpt))
+    load_state_dict_reshaped(task.model, checkpoint_weights(ckpt, ema))
     return export_imagebind(task.model, out_dir)
 
 
-def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
     """A supervised / SimMIM run's checkpoint -> timm directory (config.json + model.safetensors) of the backbone
     (SimMIM: the encoder, without mask token and pixel decoder)."""
     from pipeline.export_timm import export_timm
@@ -115,7 +130,7 @@ def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> P
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
-    state = consolidated_state_dict(ckpt)
+    state = checkpoint_weights(ckpt, ema)
     kwargs = dict(cfg["model"].get("kwargs") or {})
     if cfg["task"] == "simmim":
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
@@ -124,13 +139,13 @@ def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> P
     return export_timm(state, out_dir, arch, arch_kwargs)
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
     """Exports a checkpoint in the format its task's users load: open_clip (clip), ImageBind encoders, timm
-    (backbones)."""
+    (backbones); `ema`: the weight EMA (train.ema_decay) instead of the raw weights."""
     ckpt = resolve_checkpoint(checkpoint)
     task = checkpoint_config(ckpt).get("task", "clip")
     if task == "imagebind":
-        return export_imagebind_checkpoint(ckpt, out_dir)
+        return export_imagebind_checkpoint(ckpt, out_dir, ema)
     if task in ("supervised", "simmim"):
-        return export_backbone_checkpoint(ckpt, out_dir)
-    return export_open_clip(ckpt, out_dir)
+        return export_backbone_checkpoint(ckpt, out_dir, ema)
+    return export_open_clip(ckpt, out_dir, ema)

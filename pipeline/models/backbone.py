@@ -121,7 +121,8 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor])
     grid (timm's resample_abs_pos_embed); the classifier is kept from `model` when the shapes differ or it is
     absent. SwinV2 needs nothing for a new window size: its relative-position tables are non-persistent buffers
     recomputed from the window (set pretrained_window_sizes on the new model, as the SwinV2 recipe does).
-    Returns {"loaded", "kept", "ignored"}; raises ValueError if any other parameter is missing or mismatched."""
+    Returns {"loaded", "kept", "ignored"}; raises ValueError if any other parameter is missing, mismatched or
+    unexpected."""
     state = dict(state_dict)
     for prefix in ("module.", "encoder."):
         if any(k.startswith(prefix) for k in state):
@@ -141,6 +142,9 @@ def load_backbone_weights(model: nn.Module, state_dict: dict[str, torch.Tensor])
         state.pop(k, None)
     bad = [k for k in own if k not in state and k not in kept]
     bad += [k for k in state if state[k].shape != own[k].shape]
+    # beyond what pretraining alone has (mask token, pixel decoder) or a classifier this model lacks, a tensor
+    # the model has no place for means another architecture (e.g. more blocks)
+    bad += [k for k in ignored if k != "mask_token" and not k.startswith(("decoder.", "head."))]
     if bad:
         raise ValueError(f"pretrained weights do not fit the backbone: {len(bad)} missing or mismatched, e.g. "
                          f"{', '.join(bad[:3])}")

@@ -28,12 +28,31 @@ def register_model_configs() -> None:
 
 
 def check_model_name(name: str) -> None:
+    """model.name is an architecture; weights come from model.pretrained (a local copy: nothing downloads)."""
     register_model_configs()
+    if name.startswith("hf-hub:"):
+        raise ModelNameError(f"model.name={name!r} would download from the Hugging Face hub; fetch the repository "
+                             f"once (`huggingface-cli download {name.removeprefix('hf-hub:')} --local-dir DIR`) and "
+                             f"set model.name to its architecture and model.pretrained=DIR")
+    if name.startswith("local-dir:"):
+        raise ModelNameError(f"model.name={name!r}: name the architecture (e.g. {_local_dir_arch(name)}) and set "
+                             f"model.pretrained={name.removeprefix('local-dir:')}")
     known = open_clip.list_models()
-    if name not in known and not name.startswith(("local-dir:", "hf-hub:")):
+    if name not in known:
         close = difflib.get_close_matches(name, known, n=5)
         hint = f"close matches: {', '.join(close)}" if close else f"{len(known)} known, e.g. ViT-B-16, ViT-L-14, ViT-H-14"
         raise ModelNameError(f"model.name={name!r} is not an open_clip model config; {hint}")
+
+
+def _local_dir_arch(name: str) -> str:
+    """The architecture a `local-dir:` directory was exported from (our exports record it), else a placeholder."""
+    import json
+
+    cfg = Path(name.removeprefix("local-dir:")) / "open_clip_config.json"
+    try:
+        return json.loads(cfg.read_text())["pipeline"]["model_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "ViT-B-16"
 
 
 def loss_init(loss_name: str, init_scale: float = 10.0, init_bias: float = -10.0) -> dict:
@@ -44,13 +63,28 @@ def loss_init(loss_name: str, init_scale: float = 10.0, init_bias: float = -10.0
     return {"init_logit_scale": math.log(init_scale), "init_logit_bias": float(init_bias)}
 
 
+def _patch_dropout_kwargs(patch_dropout: float) -> dict:
+    return {"force_patch_dropout": patch_dropout} if patch_dropout else {}
+
+
+def build_open_clip(name: str, loss_name: str = "clip", patch_dropout: float = 0.0,
+                    device: str = "cpu") -> torch.nn.Module:
+    """The bare open_clip model (random weights, no transforms); device="meta" allocates nothing (shape checks)."""
+    check_model_name(name)
+    with torch.device(device):
+        return open_clip.create_model(name, pretrained=None, output_dict=True, device=device,
+                                      **loss_init(loss_name), **_patch_dropout_kwargs(patch_dropout))
+
+
 def create_clip(name: str, activation_checkpointing: bool = False, loss_name: str = "clip",
-                init_scale: float = 10.0, init_bias: float = -10.0):
+                patch_dropout: float = 0.0, init_scale: float = 10.0, init_bias: float = -10.0):
     """Returns (model, train_transform, eval_transform, tokenizer); weights are random (nothing downloads).
+    patch_dropout: FLIP's fraction of image patches dropped in training (open_clip's PatchDropout; 0 = off).
     `init_scale` / `init_bias`: SigLIP's exp(t') and b at initialisation (ignored for other losses)."""
     check_model_name(name)
     model, train_tf, eval_tf = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True,
-                                                                     **loss_init(loss_name, init_scale, init_bias))
+                                                                     **loss_init(loss_name, init_scale, init_bias),
+                                                                     **_patch_dropout_kwargs(patch_dropout))
     swap_swinv2_trunk(model)
     if activation_checkpointing:
         model.set_grad_checkpointing(True)

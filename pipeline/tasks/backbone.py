@@ -14,6 +14,7 @@ from pipeline.config import ConfigError, RunConfig
 from pipeline.data.loader import ImageLabelDecoder, expand_shards, local_shards
 from pipeline.models.backbone import (BackboneNameError, backbone_transforms, create_backbone, forward_flops,
                                       load_backbone_weights, resolve_backbone)
+from pipeline.models.pretrained import check_source, read_state_dict
 from pipeline.objectives.classification import MixConfig, batch_rng, classification_loss, mix_batch
 from pipeline.objectives.simmim import MaskedImageDecoder, SimMIM, evaluate_reconstruction, simmim_forward_flops
 from pipeline.train.layer_decay import layer_decay_param_groups
@@ -25,6 +26,8 @@ def check(cfg: RunConfig) -> None:
         resolve_backbone(cfg.model.name, **cfg.model.kwargs)
     except BackboneNameError as e:
         raise ConfigError(str(e)) from None
+    if cfg.model.pretrained:
+        check_source(cfg.model.pretrained)
     if cfg.data.val:
         expand_shards(cfg.data.val, "data.val")
     if (cfg.loss.mixup or cfg.loss.cutmix) and cfg.train.batch_size % 2:
@@ -32,15 +35,12 @@ def check(cfg: RunConfig) -> None:
                           f"{cfg.train.batch_size} must be even")
 
 
-def _init_weights(model: torch.nn.Module, init_from: str) -> None:
-    from pipeline.export import consolidated_state_dict
-    from pipeline.train.checkpoint import resolve_checkpoint
-
+def _init_weights(model: torch.nn.Module, source: str) -> None:
+    """model.pretrained: a timm checkpoint / directory, or a (SimMIM, supervised) run of ours."""
     try:
-        ckpt = resolve_checkpoint(init_from)
-    except FileNotFoundError as e:
-        raise ConfigError(f"model.init_from: {e}") from None
-    load_backbone_weights(model, consolidated_state_dict(ckpt))
+        load_backbone_weights(model, read_state_dict(source))
+    except ValueError as e:  # a ConfigError passes as is; load_backbone_weights' one-line ValueError gets the key
+        raise e if isinstance(e, ConfigError) else ConfigError(f"model.pretrained={source}: {e}") from None
 
 
 class _BackboneTask:
@@ -48,8 +48,8 @@ class _BackboneTask:
         self.cfg = cfg
         m, a = cfg.model, cfg.aug
         self.backbone = create_backbone(m.name, **kwargs)
-        if m.init_from:
-            _init_weights(self.backbone, m.init_from)
+        if m.pretrained:
+            _init_weights(self.backbone, m.pretrained)
         if m.activation_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         self.train_transform = backbone_transforms(

@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import open_clip
 import torch
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.loader import ImageTextDecoder, expand_shards, local_shards
 from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
+from pipeline.models.pretrained import check_clip_pretrained, load_clip_pretrained
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
 from pipeline.train.engine import compute_dtype
@@ -21,7 +23,14 @@ from pipeline.train.full_batch_accumulation import full_batch_losses
 
 
 def check(cfg: RunConfig) -> None:
-    check_model_name(cfg.model.name)
+    m = cfg.model
+    check_model_name(m.name)
+    vision_cfg = (open_clip.get_model_config(m.name) or {}).get("vision_cfg", {})
+    if m.patch_dropout and vision_cfg.get("timm_model_name"):
+        raise ConfigError(f"model.patch_dropout works on open_clip's own ViT image towers; {m.name}'s is timm's "
+                          f"{vision_cfg['timm_model_name']}")
+    if m.pretrained:
+        check_clip_pretrained(m.name, m.pretrained, cfg.loss.name, m.patch_dropout)
     if cfg.data.val:
         expand_shards(cfg.data.val, "data.val")
     if cfg.data.classes and not Path(cfg.data.classes).is_file():
@@ -35,12 +44,32 @@ def contrastive_loss(out: dict, cfg: RunConfig) -> torch.Tensor:
     return clip_loss(out["image_features"], out["text_features"], out["logit_scale"], cfg.loss.logit_scale_max)
 
 
+def lock_towers(model: torch.nn.Module, cfg: RunConfig) -> None:
+    """LiT: model.lock_image / model.lock_text through open_clip's own lock_image_tower / lock_text_tower, so the
+    semantics are open_clip_train's: a locked part has requires_grad=False (the optimizer never sees it), the
+    last `lock_image_unlocked_groups` layer groups of the image tower (ViT: stem, blocks, last block + ln_post,
+    proj) and the last `lock_text_unlocked_layers` groups of the text tower (text_projection, last block +
+    ln_final, blocks, embeddings) still train; BatchNorm statistics of a locked
+    ResNet / timm tower freeze only with lock_image_freeze_bn_stats (open_clip_train's
+    --lock-image-freeze-bn-stats). The logit scale (and SigLIP's bias) always trains."""
+    m = cfg.model
+    if m.lock_image:
+        model.lock_image_tower(unlocked_groups=m.lock_image_unlocked_groups,
+                               freeze_bn_stats=m.lock_image_freeze_bn_stats)
+    if m.lock_text:
+        model.lock_text_tower(unlocked_layers=m.lock_text_unlocked_layers)
+
+
 class ContrastiveTask:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
+        m = cfg.model
         model, train_tf, self.eval_transform, self.tokenizer = create_clip(
-            cfg.model.name, cfg.model.activation_checkpointing, cfg.loss.name, cfg.loss.siglip_init_scale,
+            m.name, m.activation_checkpointing, cfg.loss.name, m.patch_dropout, cfg.loss.siglip_init_scale,
             cfg.loss.siglip_init_bias)
+        if m.pretrained:
+            load_clip_pretrained(model, m.name, m.pretrained)
+        lock_towers(model, cfg)
         promote_scalar_params(model)
         self.model = model
         image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
@@ -48,16 +77,27 @@ class ContrastiveTask:
         self.flops_per_sample = clip_flops_per_sample(model, image_size, self.tokenizer.context_length)
 
     def param_groups(self) -> list[dict] | None:
-        """The default groups, except that SigLIP's bias b may get its own lr (`loss.siglip_bias_lr_scale`)."""
-        scale = self.cfg.loss.siglip_bias_lr_scale
-        if self.cfg.loss.name != "siglip" or scale == 1.0:
+        """The default decay / no-decay split (engine.param_groups), with layer decay per tower when
+        train.layer_decay < 1, and SigLIP's bias b at its own lr when loss.siglip_bias_lr_scale != 1."""
+        t, bias_scale = self.cfg.train, self.cfg.loss.siglip_bias_lr_scale
+        own_bias_lr = self.cfg.loss.name == "siglip" and bias_scale != 1.0 and self.model.logit_bias.requires_grad
+        if t.layer_decay == 1 and not own_bias_lr:
             return None
-        from pipeline.train.engine import param_groups
+        from pipeline.train.engine import no_weight_decay, param_groups
+        from pipeline.train.layer_decay import layer_decay_param_groups
 
+        if t.layer_decay == 1:
+            groups = param_groups(self.model, t.weight_decay)
+        else:
+            groups = layer_decay_param_groups(self.model, t.lr, t.weight_decay, t.layer_decay,
+                                              no_weight_decay_fn=no_weight_decay)
+        if not own_bias_lr:
+            return groups
         bias = self.model.logit_bias
-        groups = [{**g, "params": [p for p in g["params"] if p is not bias]}
-                  for g in param_groups(self.model, self.cfg.train.weight_decay)]
-        return groups + [{"params": [bias], "weight_decay": 0.0, "lr": self.cfg.train.lr * scale}]
+        home = next(g for g in groups if any(p is bias for p in g["params"]))
+        groups = [{**g, "params": [p for p in g["params"] if p is not bias]} for g in groups]
+        return groups + [{**home, "params": [bias], "weight_decay": 0.0,
+                          "lr": home.get("lr", t.lr) * bias_scale}]
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         return self._loss_of(self._encode(engine, batch, device))

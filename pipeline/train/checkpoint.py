@@ -119,8 +119,10 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_yaml: str, keep_last: int) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_yaml: str, keep_last: int,
+                    write_extra=None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. `write_extra(directory)` writes more files
+    into the checkpoint on rank 0 before it becomes visible (the weight EMA)."""
     rank = dist.get_rank()
     final = root / step_dirname(step)
     partial = root / (final.name + ".partial")
@@ -133,6 +135,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_ya
     if rank == 0:
         (partial / "config.yaml").write_text(config_yaml)
         (partial / META).write_text(json.dumps(_meta(engine, step), indent=2))
+        if write_extra is not None:
+            write_extra(partial)
     dist.barrier()
     if rank == 0:
         if final.exists():  # the same step saved before (e.g. a rerun of a finished job): replace it

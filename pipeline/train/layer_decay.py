@@ -8,6 +8,11 @@ Each parameter gets a layer id, and its learning rate is base_lr * layer_decay *
   stage s in timm's layout) -> d_0 + ... + d_{s-1}, the id of the block before it, as the SimMIM / Swin
   fine-tuning code gives the same merging layer at the end of stage s-1; norm, head -> D + 1.
 A model that wraps a backbone as `.encoder` (SimMIM) is handled through the `encoder.` prefix.
+- CLIP (open_clip), each tower decayed from its own top: image ViT: conv1, class_embedding, positional_embedding,
+  ln_pre -> 0; transformer.resblocks.i -> i + 1; ln_post, proj, attn_pool -> L + 1; a timm image trunk as the
+  backbone above, its head on top; text: token_embedding, positional_embedding, cls_emb -> 0; resblocks.i ->
+  i + 1; ln_final, text_projection -> L + 1; logit_scale / logit_bias -> the top (lr x 1). Tower ids are shifted
+  so that every tower's top lands on the common maximum.
 
 Weight decay is off for 1-d parameters (norms, biases, logit scales reshaped to 1-d), `*.bias`, the model's own
 `no_weight_decay()` names (timm ViT: pos_embed, cls_token; SwinV2: cpb_mlp.*, logit_scale) and
@@ -58,8 +63,61 @@ def _split_encoder(model: nn.Module) -> tuple[nn.Module, str]:
     return model, ""
 
 
+_CLIP_VISION_STEM = ("conv1", "class_embedding", "positional_embedding", "ln_pre")
+_CLIP_TEXT_STEM = ("token_embedding", "positional_embedding", "cls_emb")
+
+
+def _tower_id(name: str, stem: tuple[str, ...], depth: int) -> int:
+    if name.split(".")[0] in stem:
+        return 0
+    m = re.match(r"transformer\.resblocks\.(\d+)\.", name)
+    return int(m.group(1)) + 1 if m else depth + 1
+
+
+def is_clip(model: nn.Module) -> bool:
+    return hasattr(model, "visual") and hasattr(model, "logit_scale")
+
+
+def clip_layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name: layer id}, max id) for an open_clip model; see the module docstring."""
+    visual = model.visual
+    towers: list[tuple[str, dict[str, int], int]] = []  # (prefix, ids within the tower, the tower's max id)
+    if hasattr(visual, "trunk"):  # open_clip's TimmModel: a timm ViT / SwinV2 trunk and a projection head
+        trunk_ids, trunk_max = layer_ids(visual.trunk)
+        ids = {f"trunk.{n}": i for n, i in trunk_ids.items()}
+        ids.update({n: trunk_max for n, _ in visual.named_parameters() if not n.startswith("trunk.")})
+        towers.append(("visual.", ids, trunk_max))
+    elif hasattr(visual, "transformer") and hasattr(visual, "conv1"):
+        depth = len(visual.transformer.resblocks)
+        towers.append(("visual.", {n: _tower_id(n, _CLIP_VISION_STEM, depth) for n, _ in visual.named_parameters()},
+                       depth + 1))
+    else:
+        raise ValueError(f"train.layer_decay: no layer order for the image tower {type(visual).__name__} "
+                         f"(open_clip ViT or timm ViT / SwinV2 towers only)")
+    text = getattr(model, "text", None)
+    text_prefix = "text." if text is not None else ""
+    text = text if text is not None else model
+    blocks = getattr(getattr(text, "transformer", None), "resblocks", None)
+    if blocks is None:
+        raise ValueError(f"train.layer_decay: no layer order for the text tower {type(text).__name__} "
+                         f"(open_clip's text transformer only)")
+    depth = len(blocks)
+    text_ids = {n: _tower_id(n, _CLIP_TEXT_STEM, depth) for n, _ in text.named_parameters()
+                if not n.startswith("visual.") and not n.startswith("logit_")}
+    towers.append((text_prefix, text_ids, depth + 1))
+    max_id = max(m for _, _, m in towers)
+    ids = {}
+    for prefix, tower_ids, tower_max in towers:
+        ids.update({prefix + n: i + max_id - tower_max for n, i in tower_ids.items()})
+    for name, _ in model.named_parameters():
+        ids.setdefault(name, max_id)  # logit_scale, logit_bias
+    return ids, max_id
+
+
 def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
-    """({parameter name: layer id}, max id) for a ViT or SwinV2 backbone (or a SimMIM wrapping one)."""
+    """({parameter name: layer id}, max id) for a ViT or SwinV2 backbone (or a SimMIM wrapping one), or CLIP."""
+    if is_clip(model):
+        return clip_layer_ids(model)
     backbone, prefix = _split_encoder(model)
     info = backbone_info(backbone)
     if info.kind == "vit":
@@ -91,9 +149,10 @@ def _matches(name: str, names: set[str]) -> bool:
 
 
 def layer_decay_param_groups(model: nn.Module, base_lr: float, weight_decay: float, layer_decay: float = 1.0,
-                             no_weight_decay_names=()) -> list[dict]:
+                             no_weight_decay_names=(), no_weight_decay_fn=None) -> list[dict]:
     """AdamW parameter groups, one per (layer id, decayed or not) that has trainable parameters, in layer
-    order: {"params", "weight_decay", "lr", "lr_scale", "layer_id"}. layer_decay=1 gives plain groups."""
+    order: {"params", "weight_decay", "lr", "lr_scale", "layer_id"}. layer_decay=1 gives plain groups.
+    `no_weight_decay_fn(name, param)`, when given, replaces the weight-decay rule above (CLIP keeps its own)."""
     if not 0 < layer_decay <= 1:
         raise ValueError(f"layer_decay={layer_decay} must be in (0, 1]")
     ids, max_id = layer_ids(model)
@@ -102,7 +161,10 @@ def layer_decay_param_groups(model: nn.Module, base_lr: float, weight_decay: flo
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or _matches(name, skip)
+        if no_weight_decay_fn is not None:
+            no_decay = no_weight_decay_fn(name, p)
+        else:
+            no_decay = p.ndim <= 1 or name.endswith(".bias") or _matches(name, skip)
         lid = ids[name]
         scale = layer_decay ** (max_id - lid)
         key = (lid, not no_decay)

@@ -24,6 +24,7 @@ from pipeline.tasks import build_task, check_task, step_losses
 from pipeline.train.checkpoint import (checkpoint_meta, find_checkpoint, load_checkpoint, remove_partials,
                                        save_checkpoint)
 from pipeline.train.distributed import DistEnv, host_group, init_process_group
+from pipeline.train.ema import WeightEMA, read_ema
 from pipeline.train.engine import build_engine
 from pipeline.train.metrics import MetricsLog
 from pipeline.train.profiling import StepProfiler
@@ -45,6 +46,9 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
     resolve_batch(cfg, world_size)
     parse_weights(cfg.data.train_weights, len(expand_sources(cfg.data.train, "data.train")))
     check_task(cfg)
+    if cfg.train.ema_decay and cfg.train.zero_stage == 3 and world_size > 1:
+        raise ConfigError("train.ema_decay needs whole weights on every rank: use train.zero_stage 0-2 (ZeRO-3 "
+                          "partitions the weights)")
     if cfg.train.precision in ("bf16", "fp16") and not torch.cuda.is_available():
         raise ConfigError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 (or auto) on the CPU")
     resume = cfg.train.resume
@@ -132,8 +136,18 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     spec = LoaderSpec(t.batch_size, env.rank, env.world_size, t.seed, cfg.data.shuffle_block,
                       parse_weights(cfg.data.train_weights, len(sources)), cfg.data.resampled)
     start_step, position = 0, StreamPosition()
+    ema = WeightEMA(engine.module, t.ema_decay) if t.ema_decay else None
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from)
+        if ema is not None:
+            saved_ema = read_ema(resume_from)
+            if saved_ema is not None:
+                try:
+                    ema.load_state_dict(saved_ema)
+                except ValueError as e:
+                    raise ConfigError(f"train.ema_decay: {resume_from}: {e}") from None
+            else:  # the run enables the EMA only now: it starts from the resumed weights
+                ema = WeightEMA(engine.module, t.ema_decay)
         if state["world_size"] != env.world_size and is_main:  # load_checkpoint converted it (universal)
             print(f"checkpoint {resume_from} was written by {state['world_size']} ranks; continuing on "
                   f"{env.world_size} (the data stream continues the epoch where it stopped)", flush=True)
@@ -202,6 +216,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 micro_steps += 1
             if micro_steps != t.grad_accum:  # DeepSpeed steps on every grad_accum-th backward
                 raise RuntimeError(f"the task gave {micro_steps} losses for train.grad_accum={t.grad_accum}")
+            if ema is not None:
+                ema.update()
             step += 1
             window_steps += 1
             samples_seen += t.global_batch_size
@@ -247,7 +263,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             if metrics:
                 metrics.advance()
             if ckpt_now:
-                save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last)
+                save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last,
+                                ema.save if ema is not None else None)
                 window_start = time.perf_counter()  # checkpoint time is not training throughput
             if preempted and step < t.steps:
                 if is_main:  # the marker tells a parent launcher (whose own exit code is torchrun's) what happened
@@ -270,6 +287,12 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     if metrics:
         metrics.close()
     results = evaluate_engine(engine, task, cfg, is_main) if t.eval_at_end else {}
+    if ema is not None and results:  # the average beside the raw weights, as ema_<metric>
+        if is_main:
+            print(f"evaluating the weight EMA (train.ema_decay={t.ema_decay})", flush=True)
+        with ema.swapped_in():
+            results.update({f"ema_{k}": v for k, v in evaluate_engine(engine, task, cfg, is_main).items()
+                            if k not in ("samples", "classes")})
     if is_main and results:
         (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
     if keys_log:

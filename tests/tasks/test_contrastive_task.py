@@ -42,3 +42,16 @@ def test_bias_lr_scale_gives_b_its_own_group_and_nothing_else_changes():
     assert all("lr" not in g for g in groups[:2])  # the rest follows train.lr
     assert ContrastiveTask(load_config(SIGLIP)).param_groups() is None  # scale 1: the engine's default groups
     torch.optim.AdamW(groups, lr=1e-3)  # a valid optimizer spec
+
+
+def test_bias_lr_scale_with_layer_decay_scales_bs_own_layer_lr():
+    over = ["train.lr=1e-3", "train.layer_decay=0.5"]
+    task = ContrastiveTask(load_config(SIGLIP, ["loss.siglip_bias_lr_scale=10", *over]))
+    groups = task.param_groups()
+    assert groups[-1]["params"] == [task.model.logit_bias] and groups[-1]["weight_decay"] == 0.0
+    plain = ContrastiveTask(load_config(SIGLIP, over))
+    without = plain.param_groups()
+    home = next(g for g in without if any(p is plain.model.logit_bias for p in g["params"]))
+    assert groups[-1]["lr"] == pytest.approx(10 * home["lr"])
+    assert sum(len(g["params"]) for g in groups) == sum(len(g["params"]) for g in without)  # b moved, not copied
+    assert min(g["lr"] for g in groups[:-1]) < 1e-3  # the layer decay is still there

@@ -99,3 +99,30 @@ def test_groups_drive_adamw_and_lambdalr():
                    for p in g["params"])
     with pytest.raises(ValueError):
         layer_decay_param_groups(model, 1e-3, 0.05, 1.5)
+
+
+def test_clip_towers_decay_from_their_own_top():
+    """CLIP: each tower's blocks get decay^(depth - block) from that tower's top; frozen parts get no group;
+    weight decay follows CLIP's rule (positional embeddings decayed, norms / biases / logit scale not)."""
+    from pipeline.models.clip import create_clip, promote_scalar_params
+    from pipeline.train.engine import no_weight_decay
+
+    model, *_ = create_clip("clip-tiny")  # 4 image blocks, 4 text blocks
+    promote_scalar_params(model)
+    decay, base = 0.5, 1e-3
+    model.visual.conv1.weight.requires_grad = False
+    groups = layer_decay_param_groups(model, base, 0.1, decay, no_weight_decay_fn=no_weight_decay)
+    of = by_param(groups)
+    assert id(model.visual.conv1.weight) not in of
+    assert len(of) == sum(1 for p in model.parameters() if p.requires_grad)
+    expected = {"visual.class_embedding": 5, "visual.positional_embedding": 5, "visual.ln_pre.weight": 5,
+                "visual.transformer.resblocks.0.attn.in_proj_weight": 4,
+                "visual.transformer.resblocks.3.mlp.c_fc.weight": 1, "visual.ln_post.weight": 0, "visual.proj": 0,
+                "token_embedding.weight": 5, "positional_embedding": 5, "transformer.resblocks.1.ln_1.weight": 3,
+                "ln_final.bias": 0, "text_projection": 0, "logit_scale": 0}
+    params = dict(model.named_parameters())
+    for name, steps_below_top in expected.items():
+        g = of[id(params[name])]
+        assert g["lr"] == pytest.approx(base * decay ** steps_below_top), name
+        assert g["weight_decay"] == (0.0 if no_weight_decay(name, params[name]) else 0.1), name
+    assert of[id(params["positional_embedding"])]["weight_decay"] == 0.1

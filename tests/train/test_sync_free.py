@@ -12,7 +12,10 @@ pytestmark = pytest.mark.gpu
 TASKS = {  # config, extra overrides
     "clip": ("configs/demo/clip_tiny.yaml", []),
     "siglip": ("configs/siglip/tiny_demo.yaml", []),
-    "clip_swinv2": ("configs/demo/clip_swinv2_tiny.yaml", []),  # the window-attention kernel in the image tower
+    "clip_swinv2": ("configs/demo/clip_swinv2_tiny.yaml", []),
+    # fine-tuning features: a locked tower, FLIP patch dropout, per-tower layer decay, the weight EMA's update
+    "clip_lit_ema": ("configs/demo/clip_tiny.yaml", ["model.lock_text=true", "model.patch_dropout=0.5",
+                                                     "train.layer_decay=0.8", "train.ema_decay=0.999"]),  # the window-attention kernel in the image tower
     "supervised": ("configs/demo/vit_supervised.yaml", ["loss.mixup=0"]),
     "supervised_mixup": ("configs/demo/vit_supervised.yaml", ["loss.mixup=0.8", "loss.cutmix=1.0"]),
     "simmim": ("configs/demo/swinv2_simmim.yaml", []),
