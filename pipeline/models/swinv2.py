@@ -17,15 +17,18 @@ code path: roll qkv by (-s, -s), append rows/columns holding the qkv of a zero t
 (+s, +s) (so that the roll inside `window_attention` recreates the padded, rolled map; its mask is then built on
 the padded size, as timm's), then undo the same steps on the output. Permutations and concatenations only.
 
-Why this shape (issue 19). Until 2026-12 this file restated timm's SwinV2 (706 lines: patch embedding, blocks,
-patch merging, stages, head, init, set_input_size, the registry of model names) only to change the attention
-step. Built from timm's classes it is ~230 lines with the same kernel call, so the same attention FLOPs and
-bytes; a CPU forward+backward of a small SwinV2 measured no slower than the restated version (figures in
-`SwinTransformerV2`'s docstring; the GPU step is unmeasured). The price is a dependency on timm internals: the
-block's `_attn(x) -> x` step and `_init_buffers`, WindowAttention's attribute names, and `_model_args` (timm's
-record of the construction arguments, which `model_args` exposes for the timm export). `_adopt` checks every one
-of them and raises naming what is missing, so a timm that changes them fails at build time, not silently (written
-against timm 1.0.31; the tests compare whole models with the installed timm).
+Why this shape (issue 19). This file used to restate timm's SwinV2 (706 lines: patch embedding, blocks,
+patch merging, stages, head, init, set_input_size, a registry of the model names) only to change the attention
+step. Built from timm's classes it is a third of that, with the same kernel call (so the same attention FLOPs and
+bytes) and the same padding code: its logits equal the restated version's bitwise, and a CPU forward+backward
+(SwinV2-T layout at 72 px, embed 48, depths 2-2-2-2, batch 8, fp32, reference attention, 1 thread) took 1.00x
+the restated version's time (median of 20 interleaved rounds, quartiles 0.95-1.08x, on a 2-core machine shared at
+load ~18: `bench/swinv2_restated_vs_timm.py`). The GPU step is unmeasured. The price is a dependency on timm
+internals: the block's `_attn(x) -> x` step and `_init_buffers`, WindowAttention's attribute names, and
+`_model_args` (timm's record of the construction arguments, which `model_args` exposes for the timm export).
+`_adopt` checks each of them and raises naming what is missing, so a timm that changes them fails at build time
+rather than silently running timm's own attention (written for timm 1.0.31, the lower bound in pyproject.toml;
+tests/models/test_swinv2.py compares whole models with the installed timm and counts the window_attention calls).
 
 Not supported: attention-probability dropout (`attn_drop_rate` > 0; the window_attention contract has none);
 `pretrained=True` (nothing downloads: load a state dict instead).
@@ -109,10 +112,6 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
     switch `set_attn_impl`, `stage_windows`, `flops_per_image` and this model's metadata: `pretrained_cfg` /
     `default_cfg` describe *this* model (input_size, num_classes, pool_size), `model_args` the keyword arguments
     that rebuild it from its timm name (JSON-ready).
-
-    Speed against the restated version (706 lines, commit 82cb2c5), CPU forward+backward of SwinV2-T layout at
-    64 px, batch 8, depths (2, 2, 2, 2), window 4, fp32, reference attention, interleaved runs on a shared 2-core
-    machine (bench command in the issue-19 report): see the module docstring's note; GPU step unmeasured.
     """
 
     def set_attn_impl(self, impl: str) -> None:
