@@ -5,8 +5,9 @@ which a shared machine's load drift affects least. Also prints the largest logit
 
     python bench/swinv2_restated_vs_timm.py [--rounds 20] [--threads 1]
 
-Needs the git history (the old module is read with `git show`). Result (2026-12-01, 2-core machine shared at load
-~18): 1.00x (quartiles 0.95-1.08x), logits equal; quoted in pipeline/models/swinv2.py's docstring.
+Needs the git history (the old module is read with `git show`). Results (2026-12-01, 2-core machine shared at load
+~18-20, two runs): 1.00x (quartiles 0.95-1.08x) and 0.98x (0.93-1.05x), logits equal; quoted in
+pipeline/models/swinv2.py's docstring.
 """
 import argparse
 import importlib.util
