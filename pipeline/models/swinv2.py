@@ -24,8 +24,9 @@ bytes) and the same padding code: its logits equal the restated version's bitwis
 (SwinV2-T layout at 72 px, embed 48, depths 2-2-2-2, batch 8, fp32, reference attention, 1 thread) took 1.00x and
 0.98x the restated version's time in two runs (median of 20 interleaved rounds; quartiles 0.95-1.08x, 0.93-1.05x;
 a 2-core machine shared at load ~18-20: `bench/swinv2_restated_vs_timm.py`). The GPU step is unmeasured.
-The price is a dependency on timm internals: the block's `_attn(x) -> x` step and `_init_buffers`, WindowAttention's attribute names, and
-`_model_args` (timm's record of the construction arguments, which `model_args` exposes for the timm export).
+The price is a dependency on timm internals: the block's `_attn(x) -> x` step and `_init_buffers`,
+WindowAttention's attribute names, and `_model_args` (timm's record of the construction arguments, which
+`model_args` exposes for the timm export).
 `_adopt` checks each of them and raises naming what is missing, so a timm that changes them fails at build time
 rather than silently running timm's own attention (written for timm 1.0.31, the lower bound in pyproject.toml;
 tests/models/test_swinv2.py compares whole models with the installed timm and counts the window_attention calls).
