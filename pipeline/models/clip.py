@@ -131,9 +131,9 @@ def open_clip_load_kwargs(model: torch.nn.Module) -> dict:
     arch = swinv2_trunk_name(model)
     if arch is None:
         return {}
-    from pipeline.models.swinv2 import SWINV2_MODELS
+    import timm
 
-    native = tuple(SWINV2_MODELS[arch][1]["input_size"][-2:])
+    native = tuple(timm.models.get_pretrained_cfg(arch).input_size[-2:])
     size = tuple(model.visual.image_size)
     if size == native:
         return {}

@@ -382,3 +382,28 @@ def test_timm_style_metadata_and_head():
                                                    if "cpb_mlp" in n or "logit_scale" in n}
     with pytest.raises(ValueError, match="attention dropout"):
         create_swinv2("swinv2_tiny_window8_256", attn_drop_rate=0.1, device="meta")
+
+
+def test_built_from_timms_classes_with_only_the_attention_step_replaced():
+    """The model is timm's (its class, modules and methods); the blocks override `_attn` and the unused mask only."""
+    from pipeline.models.swinv2 import KernelSwinV2Block
+
+    model = create_swinv2("swinv2_tiny_window8_256", img_size=64, device="meta")
+    assert isinstance(model, timm.models.swin_transformer_v2.SwinTransformerV2)
+    blocks = [blk for stage in model.layers for blk in stage.blocks]
+    assert blocks and all(type(blk) is KernelSwinV2Block and blk.attn_mask is None for blk in blocks)
+    assert {k for k in vars(KernelSwinV2Block) if not k.startswith("__")} == {"attn_impl", "_attn", "_init_buffers"}
+
+
+def test_a_timm_without_the_internals_it_relies_on_is_a_one_line_error():
+    """A timm whose SwinV2 classes changed shape fails at build time, naming what is missing, instead of silently
+    running timm's own attention (or crashing deep inside a forward)."""
+    from pipeline.models.swinv2 import _adopt
+
+    ref = timm.create_model("swinv2_tiny_window8_256", img_size=64, device="meta")
+    del ref.layers[1].blocks[0].attn.cpb_mlp
+    with pytest.raises(RuntimeError) as e:
+        _adopt(ref, "auto")
+    msg = str(e.value)
+    assert "\n" not in msg and "WindowAttention.cpb_mlp" in msg and timm.__version__ in msg
+    assert type(ref.layers[0].blocks[0]).__module__.startswith("timm.")  # nothing was converted
