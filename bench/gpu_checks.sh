@@ -6,7 +6,9 @@
 #   OUT=runs/gpu_out bash bench/gpu_checks.sh [step ...]     # steps: tests sigmoid window train mfu (default all)
 #
 # On a machine without a package index, put the device kit's wheels (deepspeed, open_clip_torch, webdataset 0.2.x,
-# simplejpeg, ...) in .whl/: they are installed into /tmp/site. Budget on one H100/H200: about 9 minutes.
+# simplejpeg, ...) in .whl/, and timm >= 1.0.31 (pipeline/models/swinv2.py needs it; a machine seen with 1.0.29:
+# `pip download --no-deps timm==1.0.31 -d .whl`): they are installed into /tmp/site. Budget on one H100/H200:
+# about 9 minutes.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"

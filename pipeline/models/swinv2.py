@@ -30,6 +30,8 @@ WindowAttention's attribute names, and `_model_args` (timm's record of the const
 `_adopt` checks each of them and raises naming what is missing, so a timm that changes them fails at build time
 rather than silently running timm's own attention (written for timm 1.0.31, the lower bound in pyproject.toml;
 tests/models/test_swinv2.py compares whole models with the installed timm and counts the window_attention calls).
+The dependency is real: timm 1.0.29 has neither `_init_buffers` nor `_model_args` and fails that check. The
+smaller file was kept anyway, because pip resolves the lower bound and a timm that moves fails loudly.
 
 Not supported: attention-probability dropout (`attn_drop_rate` > 0; the window_attention contract has none);
 `pretrained=True` (nothing downloads: load a state dict instead).
