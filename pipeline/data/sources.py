@@ -284,7 +284,7 @@ def _csv_records(lines: Iterator[str], delimiter: str) -> Iterator[tuple[int, li
             pushed_back.extendleft(reversed(taken[1:]))
             why = ("a quoted field opened on this line does not close within "
                    f"{MAX_CSV_RECORD_BYTES >> 20} MiB or before the end of the file"
-                   if "unexpected end of data" in str(e) else f"bad quoting ({e})")
+                   if "unexpected end of data" in str(e) else f"a quoted field does not close properly ({e})")
             yield first[0], None, f"{why}; the line is skipped, reading goes on at the next"
             continue
         yield first[0], fields, ""
