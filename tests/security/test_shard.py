@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.__main__ import main
 from pipeline.data.loader import ShardSet, expand_shards
 from pipeline.data.shard import ShardOptions, run_shard
-from pipeline.data.shard_index import META_FINGERPRINT, index_path, load_or_build_index
+from pipeline.data.shard_index import index_path, load_or_build_index
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,6 +178,8 @@ def test_symlinks_in_a_folder_input_are_not_followed(tmp_path):
 # ------------------------------------------------------------------------------ indexes written by shard
 
 def test_shard_indexes_carry_the_tar_fingerprint_and_are_used_as_written(tmp_path):
+    from pipeline.data.shard_index import META_FINGERPRINT
+
     _images(tmp_path, 3)
     (tmp_path / "rows.csv").write_text("image,caption\n" + "".join(f"img/{i}.jpg,c{i}\n" for i in range(3)))
     summary = _run([tmp_path / "rows.csv"], tmp_path / "out")
