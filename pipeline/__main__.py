@@ -182,7 +182,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
             prefix=args.prefix, workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
             image=ImageSettings(args.image_size, resize_mode, not args.no_upscale, encode, args.quality,
                                 not args.no_validate, args.max_pixels),
-            max_caption_bytes=args.max_caption_bytes, dedup_image=args.dedup_image, val_fraction=args.val_fraction, max_failure_rate=args.max_failure_rate,
+            max_caption_bytes=args.max_caption_bytes, dedup_image=args.dedup_image, val_fraction=args.val_fraction,
+            max_failure_rate=args.max_failure_rate,
             overwrite=args.overwrite, progress=sys.stderr.isatty() if args.progress is None else args.progress)
         summary = run_shard(opts)
     except InputError as e:

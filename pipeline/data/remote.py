@@ -188,10 +188,10 @@ def _survivors_note(shown: str, survivors: list[int], wait_s: float) -> str:
 def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout_s: float | None,
                 cancel: threading.Event | None = None, max_bytes: int | None = None) -> None:
     """Runs `command` with the shell in a new process group and copies its stdout to `dest` (created).
-    Raises DataError (one line, naming the command) on a stall, the total timeout, a non-zero exit,
-    `cancel`, more output than `max_bytes`, or a cache disk that is full or about to be (less than
-    MIN_FREE_BYTES left); kills the whole process group on any failure and after success (stray background children), and
-    returns or raises only once its processes have exited (`_end_group`)."""
+    Raises DataError (one line, naming the command) on a stall, the total timeout, a non-zero exit, `cancel`,
+    more output than `max_bytes`, or a cache disk that is full or about to be (less than MIN_FREE_BYTES left);
+    kills the whole process group on any failure and after success (stray background children), and returns
+    or raises only once its processes have exited (`_end_group`)."""
     shown = _one_line(f"{PIPE_PREFIX}{command}")
     start = time.monotonic()
     deadline = start + timeout_s if timeout_s else float("inf")

@@ -204,7 +204,8 @@ def _read_caption_file(ref: FileRef, max_bytes: int) -> bytes:
 def _caption(value: str | bytes | None, max_bytes: int = 16384) -> str | Failure:
     if value is None:
         return Failure("missing_caption")
-    if len(value) > max_bytes and (isinstance(value, bytes) or len(value.encode("utf-8", "surrogateescape")) > max_bytes):
+    size = len(value) if isinstance(value, bytes) else len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
         return Failure("caption_too_long", f"over {max_bytes} bytes (--max-caption-bytes)")
     if isinstance(value, bytes):
         try:

@@ -1,8 +1,9 @@
 """Input readers for `python -m pipeline shard`: each input becomes a stream of `SourceRow`s in a fixed order.
 
 Formats: parquet, CSV / TSV and JSONL tables (plain or `.gz`), a folder tree of images with sidecar files, and
-WebDataset tars (ours, img2dataset's, anyone's). Symbolic links inside a folder tree or a tar are skipped. Folder trees and tars are read the same way: files are grouped
-by key the way WebDataset groups tar members (`dir/0001.jpg` + `dir/0001.txt` -> key `dir/0001`).
+WebDataset tars (ours, img2dataset's, anyone's). Folder trees and tars are read the same way: files are grouped
+by key the way WebDataset groups tar members (`dir/0001.jpg` + `dir/0001.txt` -> key `dir/0001`); symbolic
+links inside either are skipped (a link may point anywhere on the machine).
 
 Readers stay light: they hand over image *paths* (`FileRef`) and let the worker processes read and decode them;
 only bytes that live inside the input (a parquet binary column, a tar member) travel with the row. A row that

@@ -72,7 +72,7 @@ def _one_line(e: BaseException) -> str:
 
 # ------------------------------------------------------------------------------ truncated tars (item 5)
 
-@pytest.mark.parametrize("old_index", ["none", "beside it, newer than the tar"])
+@pytest.mark.parametrize("old_index", ["none", "whole-tar-index-newer-than-the-tar"])
 def test_tar_cut_at_a_header_boundary_is_refused_and_no_partial_index_is_written(tmp_path, old_index):
     tar = _shard(tmp_path, 10)
     cut = _header_boundary(tar, 5)
@@ -137,12 +137,12 @@ def _older(path: Path, than: Path) -> None:
     os.utime(path, (t, t))
 
 
-@pytest.mark.parametrize("change", ["rewritten, same size", "regrown", "shrunk"])
+@pytest.mark.parametrize("change", ["rewritten-same-size", "regrown", "shrunk"])
 def test_an_index_of_another_version_of_the_shard_is_rebuilt_whatever_the_mtime(tmp_path, change):
     old = _shard(tmp_path / "old", 8)
     old_index = index_path(old).read_bytes()
     new_dir = tmp_path / "new"
-    if change == "rewritten, same size":  # other keys and captions of the same lengths: only content differs
+    if change == "rewritten-same-size":  # other keys and captions of the same lengths: only content differs
         new = _shard(new_dir, 8, key="q", caption="a big square")
         assert new.stat().st_size == old.stat().st_size
     else:
