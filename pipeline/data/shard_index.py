@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,10 +200,13 @@ def load_or_build_index(tar_path: str | Path) -> pa.Table:
         if index_mismatch(table, tar_path) is None:
             return table
     table = scan_tar(tar_path)
+    # ranks and loader workers may rebuild the same index at once: each writes its own temporary file
+    tmp = ip.with_name(f"{ip.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        write_index(table, ip)
+        pq.write_table(table, tmp)
+        os.replace(tmp, ip)
     except OSError:
-        pass  # read-only dataset: keep the index in memory only
+        tmp.unlink(missing_ok=True)  # read-only dataset: keep the index in memory only
     return table
 
 
