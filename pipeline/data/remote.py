@@ -357,10 +357,8 @@ def fetch_pipe(url: str, cache_dir: str | Path, timeout_s: float | None = DEFAUL
             if tmp_tar.stat().st_size == 0:
                 raise _data_error(f"{shown}: the command wrote nothing to stdout")
             _fetch_index(src, tmp_tar, tmp_index, timeout_s, stall_timeout_s, cancel, max_bytes)
-            # the index is written after the tar, so its mtime is not older (load_or_build_index checks that);
-            # it gets its final name first, so a tar under its final name always has its index
-            now = time.time()
-            os.utime(tmp_index, (now, max(now, tmp_tar.stat().st_mtime)))
+            # the index gets its final name first, so a tar under its final name always has its index (which
+            # records the tar's size and fingerprint: load_or_build_index checks those, not modification times)
             os.replace(tmp_index, index_path(final))
             os.replace(tmp_tar, final)
         finally:
