@@ -187,11 +187,16 @@ def cmd_shard(args: argparse.Namespace) -> int:
             prefix=args.prefix, workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
             image=ImageSettings(args.image_size, resize_mode, not args.no_upscale, encode, args.quality,
                                 not args.no_validate, args.max_pixels),
-            dedup_image=args.dedup_image, val_fraction=args.val_fraction, max_failure_rate=args.max_failure_rate,
+            max_caption_bytes=args.max_caption_bytes, dedup_image=args.dedup_image, val_fraction=args.val_fraction,
+            max_failure_rate=args.max_failure_rate,
             overwrite=args.overwrite, progress=sys.stderr.isatty() if args.progress is None else args.progress)
         summary = run_shard(opts)
     except InputError as e:
         raise UserError(str(e)) from None
+    except OSError as e:  # a full disk, a read-only output, an input gone mid-run: complete shards are kept
+        where = f" ({e.filename})" if e.filename else ""
+        raise UserError(f"shard: {e.strerror or e}{where}; complete shards are kept: rerun the same command "
+                        f"to continue") from None
     print(format_summary(summary))
     if summary["rows"] == 0:
         raise UserError(f"the inputs hold no rows: {', '.join(args.input)}")
@@ -303,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality when re-encoding")
     h.add_argument("--no-validate", action="store_true", help="skip the decode test of images stored unchanged")
     h.add_argument("--max-pixels", type=int, default=12_000 * 12_000, help="refuse larger images (decompression bombs)")
+    h.add_argument("--max-caption-bytes", type=int, default=16384,
+                   help="refuse longer captions (caption_too_long); the loader's data.max_caption_bytes default")
     h.add_argument("--dedup-image", action="store_true", help="also drop rows whose stored image repeats an earlier one")
     h.add_argument("--val-fraction", type=float, default=0.0,
                    help="hold out this fraction (by a hash of the key) into OUTPUT/val; the rest goes to OUTPUT/train")

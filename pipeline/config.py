@@ -34,6 +34,9 @@ class DataConfig:
     pipe_timeout_s: float = 3600.0  # whole fetch of one `pipe:` shard (0 = no limit)
     pipe_stall_timeout_s: float = 120.0  # a `pipe:` command that sends no byte for this long is killed (0 = off)
     pipe_prefetch: int = 4  # `pipe:` shards fetched at once
+    pipe_max_shard_gb: float = 64.0  # a `pipe:` command that writes more than this is killed (0 = no limit): a
+    #                                  runaway source (`pipe:yes`) must not fill the cache disk
+    max_caption_bytes: int = 16384  # longer captions are bad samples (caption_too_long), skipped before tokenising
     log_sample_keys: bool = False  # write every rank's sample keys per step to out_dir/sample_keys/
 
 
@@ -295,6 +298,10 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off)")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
+    if not cfg.data.pipe_max_shard_gb >= 0:
+        raise ConfigError(f"data.pipe_max_shard_gb={cfg.data.pipe_max_shard_gb} must be >= 0 (0 = no limit)")
+    if cfg.data.max_caption_bytes <= 0:
+        raise ConfigError(f"data.max_caption_bytes={cfg.data.max_caption_bytes} must be > 0")
 
 
 def _check_model(cfg: RunConfig) -> None:

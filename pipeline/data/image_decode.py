@@ -36,14 +36,15 @@ from pipeline.data.errors import BadSample
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _FAST_INTERPOLATIONS = (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR)
 _PASS_THROUGH = ("MaybeConvertMode", "_convert_to_rgb", "ToTensor", "MaybeToTensor")
-Image.MAX_IMAGE_PIXELS = 12_000 * 12_000  # refuse decompression bombs (PIL: an error past twice this)
+Image.MAX_IMAGE_PIXELS = 12_000 * 12_000  # refuse decompression bombs (PIL itself only warns up to twice this)
 
 
 # ------------------------------------------------------------------------------------------- PIL decoding
 def _check_pixels(width: int, height: int) -> None:
-    """PIL's decompression-bomb rule (an error past twice MAX_IMAGE_PIXELS), for decoders that lack it."""
+    """Refuses images over MAX_IMAGE_PIXELS from their header, before any pixel is allocated (PIL would
+    decode anything up to twice its limit, with a warning)."""
     limit = Image.MAX_IMAGE_PIXELS
-    if limit and width * height > 2 * limit:
+    if limit and width * height > limit:
         raise BadSample("image_too_large")
 
 
@@ -51,7 +52,13 @@ def decode_image(data: bytes, draft_size: int | None = None) -> Image.Image:
     """RGB PIL image. A JPEG at least twice `draft_size` on its shorter side is decoded at 1/2, 1/4 or 1/8
     scale by libjpeg's DCT scaling (PIL's draft mode), never below `draft_size` on the shorter side."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError:
+        raise BadSample("image_too_large") from None
+    except Exception:
+        raise BadSample("bad_image") from None
+    _check_pixels(*img.size)
+    try:
         if draft_size and img.format == "JPEG" and min(img.size) >= 2 * draft_size:
             scale = draft_size / min(img.size)
             img.draft("RGB", (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))

@@ -40,11 +40,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.remote import PipeSource, is_pipe, resolve_sources
+from pipeline.data.remote import DEFAULT_MAX_BYTES, PipeSource, is_pipe, resolve_sources
 from pipeline.data.shard_index import ShardMembers, load_or_build_index
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
+MAX_CAPTION_BYTES = 16384  # data.max_caption_bytes' default; a caption is cut to 77 tokens (~300 bytes) anyway
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -55,12 +56,14 @@ class FetchSpec:
     timeout_s: float
     stall_timeout_s: float
     prefetch: int = 4
+    max_bytes: int | None = DEFAULT_MAX_BYTES  # per shard; None: no limit
 
     @classmethod
     def for_data(cls, d) -> FetchSpec:
         """From a DataConfig: data.cache_dir, else $PIPELINE_SHARD_CACHE, else ~/.cache/pipeline/shards."""
         cache = d.cache_dir or os.environ.get("PIPELINE_SHARD_CACHE") or str(Path.home() / ".cache/pipeline/shards")
-        return cls(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch)
+        return cls(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch,
+                   int(d.pipe_max_shard_gb * 1e9) or None)
 
 
 def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None) -> list[list[str]]:
@@ -80,7 +83,7 @@ def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None)
                     PipeSource(p)
         else:
             fetched = iter(resolve_sources(paths, fetch.cache_dir, fetch.timeout_s, fetch.stall_timeout_s,
-                                           fetch.prefetch))
+                                           fetch.prefetch, fetch.max_bytes))
             sources = [[next(fetched) for _ in source] for source in sources]
             paths = [p for source in sources for p in source]
     missing = [p for p in paths if not is_pipe(p) and not os.path.isfile(p)]
@@ -142,7 +145,11 @@ class ShardSet:
         """Returns (key, {ext: bytes}) of one sample. Shard descriptors stay open."""
         shard, row = self.locate(sample_id)
         if shard not in self._members:
-            self._members[shard] = ShardMembers.load(self.paths[shard])
+            members = ShardMembers.load(self.paths[shard])
+            if len(members.keys) != self.counts[shard]:  # the epoch plan was made with the old count
+                raise DataError(f"{self.paths[shard]}: has {len(members.keys)} samples now, {self.counts[shard]} "
+                                f"when the run started: the shard changed during the run")
+            self._members[shard] = members
         fd = self._fds.get(shard)
         if fd is None:
             if len(self._fds) >= 16:  # bound open files; a shuffle block touches few shards at a time
@@ -239,10 +246,12 @@ class LoaderSpec:
 
 
 # ----------------------------------------------------------------------------------------------- decoding
-def decode_caption(raw: dict[str, bytes]) -> str:
+def decode_caption(raw: dict[str, bytes], max_bytes: int = MAX_CAPTION_BYTES) -> str:
     caption_ext = next((e for e in CAPTION_EXTS if e in raw), None)
     if caption_ext is None:
         raise BadSample("missing_caption")
+    if max_bytes and len(raw[caption_ext]) > max_bytes:
+        raise BadSample("caption_too_long")  # before tokenising: BPE on megabytes takes seconds per sample
     try:
         caption = raw[caption_ext].decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -252,13 +261,20 @@ def decode_caption(raw: dict[str, bytes]) -> str:
     return caption
 
 
-def decode_label(raw: dict[str, bytes]) -> int:
+def decode_label(raw: dict[str, bytes], num_classes: int | None = None) -> int:
+    """The `.cls` class id; with `num_classes`, one outside [0, num_classes) is a bad sample (not an index
+    error in the loss)."""
     if "cls" not in raw:
         raise BadSample("missing_label")
+    if len(raw["cls"]) > 32:
+        raise BadSample("bad_label")
     try:
-        return int(raw["cls"].decode("ascii").strip())
+        label = int(raw["cls"].decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         raise BadSample("bad_label") from None
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise BadSample("label_out_of_range")
+    return label
 
 
 def image_member(raw: dict[str, bytes]) -> bytes:
@@ -292,12 +308,14 @@ def stack_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 class ImageTextDecoder:
     """jpg/png/webp + txt -> {"images": transformed image, "texts": token ids} (tokenised in the workers)."""
 
-    def __init__(self, transform: Callable, tokenizer: Callable, reduced_decode: bool = True):
+    def __init__(self, transform: Callable, tokenizer: Callable, reduced_decode: bool = True,
+                 max_caption_bytes: int = MAX_CAPTION_BYTES):
         self.image, self.tokenizer = ImageToTensor(transform, reduced_decode), tokenizer
+        self.max_caption_bytes = max_caption_bytes
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
         data = image_member(raw)
-        caption = decode_caption(raw)
+        caption = decode_caption(raw, self.max_caption_bytes)
         return {"images": self.image(data), "texts": caption}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -309,12 +327,13 @@ class ImageTextDecoder:
 class ImageLabelDecoder:
     """jpg/png/webp + cls -> {"images", "labels"}; for supervised and masked-image pretraining."""
 
-    def __init__(self, transform: Callable, reduced_decode: bool = True):
+    def __init__(self, transform: Callable, reduced_decode: bool = True, num_classes: int | None = None):
         self.image = ImageToTensor(transform, reduced_decode)
+        self.num_classes = num_classes  # labels outside [0, num_classes) are bad samples
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
         data = image_member(raw)
-        label = decode_label(raw)
+        label = decode_label(raw, self.num_classes)
         return {"images": self.image(data), "labels": torch.tensor(label)}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -325,9 +344,11 @@ class ImageLabelDecoder:
 class ShardBatches(IterableDataset):
     """Endless stream of this rank's batches, from `start` on.
 
-    Each item is the decoder's batch plus {"keys": [...], "bad": Counter, "index": k (batches since start),
-    "epoch", "offset": where this global batch starts, "next": the StreamPosition after it}. Samples that fail
-    to decode are left out of their batch and counted by reason in "bad".
+    Each item is the decoder's batch plus {"keys": [...], "bad": {reason: count}, "index": k (batches since
+    start), "epoch", "offset": where this global batch starts, "next": the StreamPosition after it}. Samples
+    that fail to decode are left out of their batch and counted by reason in "bad". A problem with a whole
+    shard (changed or cut short during the run) ends the batch with "error": a one-line message, which the
+    training loop raises as a DataError (raised in a loader worker it would arrive wrapped in a traceback).
     """
 
     def __init__(self, shards: ShardSet, spec: LoaderSpec, decoder: SampleDecoder,
@@ -357,12 +378,16 @@ class ShardBatches(IterableDataset):
     def make_batch(self, k: int) -> dict:
         pos, ids = self.batch_ids(k)
         samples, keys, bad = [], [], Counter()
+        error = None
         for sid in ids.tolist():
             try:
                 key, raw = self.shards.read(sid)
             except (OSError, EOFError):
                 bad["unreadable"] += 1
                 continue
+            except DataError as e:
+                error = str(e)
+                break
             try:
                 with torch.random.fork_rng(devices=[]):
                     # the CPU generator only: torch.manual_seed also queues a lazy seed for every accelerator
@@ -373,10 +398,15 @@ class ShardBatches(IterableDataset):
                 bad[e.reason] += 1
                 continue
             keys.append(key)
-        batch = self.decoder.collate(samples) if samples else {}
+        batch = self.decoder.collate(samples) if samples and error is None else {}
         nxt = StreamPosition(pos.epoch, pos.offset + self.global_batch)
-        return {**batch, "keys": keys, "bad": bad, "index": k, "epoch": pos.epoch, "offset": pos.offset,
-                "next": nxt.to_dict()}
+        # "bad" as a plain dict: the DataLoader's default_convert copies a mapping and then update()s the copy
+        # with its own items, which adds a Counter's counts to themselves (every bad sample counted twice)
+        out = {**batch, "keys": keys, "bad": dict(bad), "index": k, "epoch": pos.epoch, "offset": pos.offset,
+               "next": nxt.to_dict()}
+        if error is not None:
+            out["error"] = error
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -388,9 +418,11 @@ class ShardBatches(IterableDataset):
 
 
 def ImageTextBatches(shards: ShardSet, spec: LoaderSpec, transform: Callable, tokenizer: Callable,
-                     start: StreamPosition = StreamPosition(), reduced_decode: bool = True) -> ShardBatches:
+                     start: StreamPosition = StreamPosition(), reduced_decode: bool = True,
+                     max_caption_bytes: int = MAX_CAPTION_BYTES) -> ShardBatches:
     """The image-caption stream (CLIP / SigLIP training)."""
-    return ShardBatches(shards, spec, ImageTextDecoder(transform, tokenizer, reduced_decode), start)
+    return ShardBatches(shards, spec, ImageTextDecoder(transform, tokenizer, reduced_decode, max_caption_bytes),
+                        start)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

@@ -27,6 +27,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -40,13 +41,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline.data.shard_index import INDEX_SCHEMA, index_path, scan_tar
+from pipeline.data.shard_index import index_mismatch, index_path, read_index, scan_tar
 
 PIPE_PREFIX = "pipe:"
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT_S = 3600.0  # whole fetch of one shard
 DEFAULT_STALL_TIMEOUT_S = 120.0  # no byte at all for this long
 DEFAULT_PREFETCH = 4  # shards fetched at once
+DEFAULT_MAX_BYTES = 64 * 10**9  # per shard (data.pipe_max_shard_gb): no real shard is near it, a runaway is
+MIN_FREE_BYTES = 1 << 30  # a fetch stops before it leaves the cache's file system with less free space than this
 GROUP_EXIT_WAIT_S = 10.0  # for SIGKILLed processes to exit: milliseconds, unless one is stuck in the kernel (D state)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -183,11 +186,12 @@ def _survivors_note(shown: str, survivors: list[int], wait_s: float) -> str:
 
 
 def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout_s: float | None,
-                cancel: threading.Event | None = None) -> None:
+                cancel: threading.Event | None = None, max_bytes: int | None = None) -> None:
     """Runs `command` with the shell in a new process group and copies its stdout to `dest` (created).
-    Raises DataError (one line, naming the command) on a stall, the total timeout, a non-zero exit or
-    `cancel`; kills the whole process group on any failure and after success (stray background children), and
-    returns or raises only once its processes have exited (`_end_group`)."""
+    Raises DataError (one line, naming the command) on a stall, the total timeout, a non-zero exit, `cancel`,
+    more output than `max_bytes`, or a cache disk that is full or about to be (less than MIN_FREE_BYTES left);
+    kills the whole process group on any failure and after success (stray background children), and returns
+    or raises only once its processes have exited (`_end_group`)."""
     shown = _one_line(f"{PIPE_PREFIX}{command}")
     start = time.monotonic()
     deadline = start + timeout_s if timeout_s else float("inf")
@@ -214,7 +218,19 @@ def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout
                 data = os.read(fd, CHUNK)
                 if not data:
                     break
-                _write(out, data)
+                if max_bytes and total + len(data) > max_bytes:
+                    raise _data_error(f"{shown}: wrote more than {max_bytes / 1e9:g} GB (data.pipe_max_shard_gb); "
+                                      f"killed")
+                if total // (64 * CHUNK) != (total + len(data)) // (64 * CHUNK):  # every 64 MiB
+                    free = shutil.disk_usage(dest.parent).free
+                    if free < MIN_FREE_BYTES:
+                        raise _data_error(f"{shown}: the shard cache {dest.parent} has {free / 1e9:.2f} GB free "
+                                          f"left after {total} bytes of this shard; killed")
+                try:
+                    _write(out, data)
+                except OSError as e:
+                    raise _data_error(f"{shown}: cannot write to the shard cache {dest.parent} after {total} "
+                                      f"bytes: {e.strerror or e}; killed") from None
                 total += len(data)
                 last_data = time.monotonic()
             # stdout closed: give the command the rest of the time to exit
@@ -240,16 +256,20 @@ def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout
             lines = [ln for ln in errf.read().decode("utf-8", "replace").splitlines() if ln.strip()]
             detail = f": {_one_line(lines[-1], 200)}" if lines else ""
             raise _data_error(f"{shown}: exited with status {rc}{detail}")
-        out.flush()
-        os.fsync(out.fileno())
+        try:
+            out.flush()
+            os.fsync(out.fileno())
+        except OSError as e:
+            raise _data_error(f"{shown}: cannot write to the shard cache {dest.parent}: {e.strerror or e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- fetching a shard
 
 def _index_fits(table, tar: Path) -> bool:
-    """Whether an index fetched from elsewhere describes this tar: every member inside the file, and the tar
-    header just before the first and the last sample's first member carries that member's name."""
-    if table.num_rows == 0:
+    """Whether an index fetched from elsewhere describes this tar: its recorded size, member count and
+    fingerprint match (`index_mismatch`), every member inside the file, and the tar header just before the
+    first and the last sample's first member carries that member's name."""
+    if table.num_rows == 0 or index_mismatch(table, tar) is not None:
         return False
     size = tar.stat().st_size
     keys, members = table.column("key").to_pylist(), table.column("members").to_pylist()
@@ -268,13 +288,14 @@ def _index_fits(table, tar: Path) -> bool:
     return True
 
 
-def _fetch_index(src: PipeSource, tmp_tar: Path, tmp_index: Path, timeout_s, stall_timeout_s, cancel):
+def _fetch_index(src: PipeSource, tmp_tar: Path, tmp_index: Path, timeout_s, stall_timeout_s, cancel,
+                 max_bytes: int | None = None):
     """The index of the fetched tar: the remote one if it can be fetched and fits, else built from the tar."""
     command = src.index_command
     if command is not None:
         try:
-            run_to_file(command, tmp_index, timeout_s, stall_timeout_s, cancel)
-            table = pq.read_table(tmp_index, schema=INDEX_SCHEMA)
+            run_to_file(command, tmp_index, timeout_s, stall_timeout_s, cancel, max_bytes)
+            table = read_index(tmp_index)
             if _index_fits(table, tmp_tar):
                 return table
         except Exception:  # noqa: BLE001 - no usable remote index: build it (cancellation is re-checked below)
@@ -283,9 +304,9 @@ def _fetch_index(src: PipeSource, tmp_tar: Path, tmp_index: Path, timeout_s, sta
             raise _data_error(f"{_one_line(src.url)}: cancelled (another shard failed)")
     try:
         table = scan_tar(tmp_tar)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        reason = _one_line(str(e), 120)
-        raise _data_error(f"{_one_line(src.url)}: its output is not a readable tar ({reason})") from None
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:  # ValueError: DataError naming the tmp file
+        reason = _one_line(str(e).replace(str(tmp_tar), "output"), 160)
+        raise _data_error(f"{_one_line(src.url)}: its output is not a whole tar ({reason})") from None
     if table.num_rows == 0:
         raise _data_error(f"{_one_line(src.url)}: its output has no samples (an empty or non-WebDataset tar)")
     pq.write_table(table, tmp_index)
@@ -309,9 +330,10 @@ def _lock(lock_path: Path, shown: str, wait_s: float | None, cancel: threading.E
 
 def fetch_pipe(url: str, cache_dir: str | Path, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S,
-               cancel: threading.Event | None = None) -> Path:
+               cancel: threading.Event | None = None, max_bytes: int | None = DEFAULT_MAX_BYTES) -> Path:
     """The local path of the `pipe:` shard `url`, fetched into `cache_dir` (with its index beside it) unless
-    it is there already. Timeouts of 0 or None are off. Raises DataError with a one-line message."""
+    it is there already. Timeouts and `max_bytes` of 0 or None are off. Raises DataError with a one-line
+    message."""
     src = PipeSource(url)
     cache_dir = Path(cache_dir)
     final = src.cached_path(cache_dir)
@@ -331,14 +353,12 @@ def fetch_pipe(url: str, cache_dir: str | Path, timeout_s: float | None = DEFAUL
         tmp_tar = final.with_name(f"{final.name}.{tag}.tmp")
         tmp_index = final.with_name(f"{index_path(final).name}.{tag}.tmp")
         try:
-            run_to_file(src.command, tmp_tar, timeout_s, stall_timeout_s, cancel)
+            run_to_file(src.command, tmp_tar, timeout_s, stall_timeout_s, cancel, max_bytes)
             if tmp_tar.stat().st_size == 0:
                 raise _data_error(f"{shown}: the command wrote nothing to stdout")
-            _fetch_index(src, tmp_tar, tmp_index, timeout_s, stall_timeout_s, cancel)
-            # the index is written after the tar, so its mtime is not older (load_or_build_index checks that);
-            # it gets its final name first, so a tar under its final name always has its index
-            now = time.time()
-            os.utime(tmp_index, (now, max(now, tmp_tar.stat().st_mtime)))
+            _fetch_index(src, tmp_tar, tmp_index, timeout_s, stall_timeout_s, cancel, max_bytes)
+            # the index gets its final name first, so a tar under its final name always has its index (which
+            # records the tar's size and fingerprint: load_or_build_index checks those, not modification times)
             os.replace(tmp_index, index_path(final))
             os.replace(tmp_tar, final)
         finally:
@@ -351,7 +371,7 @@ def fetch_pipe(url: str, cache_dir: str | Path, timeout_s: float | None = DEFAUL
 
 def resolve_sources(paths: list[str], cache_dir: str | Path, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                     stall_timeout_s: float | None = DEFAULT_STALL_TIMEOUT_S,
-                    prefetch: int = DEFAULT_PREFETCH) -> list[str]:
+                    prefetch: int = DEFAULT_PREFETCH, max_bytes: int | None = DEFAULT_MAX_BYTES) -> list[str]:
     """`paths` (expanded; local paths, `file:` paths and `pipe:` commands) as local paths, in the same order.
     `pipe:` shards are fetched `prefetch` at a time; the first failure cancels the rest and is raised."""
     out = [p.removeprefix("file:") for p in paths]
@@ -364,7 +384,7 @@ def resolve_sources(paths: list[str], cache_dir: str | Path, timeout_s: float | 
     fetched: dict[str, Path] = {}
     pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="pipe-fetch")
     try:
-        futures = {pool.submit(fetch_pipe, url, cache_dir, timeout_s, stall_timeout_s, cancel): url
+        futures = {pool.submit(fetch_pipe, url, cache_dir, timeout_s, stall_timeout_s, cancel, max_bytes): url
                    for url in pipes}  # submitted in order, so shards are fetched in order
         for future in as_completed(futures):
             fetched[futures[future]] = future.result()

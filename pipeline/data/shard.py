@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.data.image_processing import ImageFailure, ImageSettings, describe_error, process_image
-from pipeline.data.shard_index import INDEX_SCHEMA, index_path, scan_tar, write_index
+from pipeline.data.shard_index import INDEX_SCHEMA, index_path, scan_tar, with_tar_metadata, write_index
 from pipeline.data.shard_writer import shard_name, shard_pattern
 from pipeline.data.sources import (Columns, FileRef, InputError, InputSpec, SourceRow, check_input, input_fingerprint,
                                    iter_rows, parquet_rows, resolve_inputs)
@@ -74,6 +74,7 @@ class ShardOptions:
     prefix: str | None = None
     workers: int = 1
     image: ImageSettings = field(default_factory=ImageSettings)
+    max_caption_bytes: int = 16384  # longer captions fail as caption_too_long (the loader's default limit too)
     dedup_image: bool = False
     val_fraction: float = 0.0
     max_failure_rate: float = 0.5
@@ -85,6 +86,8 @@ class ShardOptions:
             raise InputError(f"--samples-per-shard must be > 0, not {self.samples_per_shard}")
         if self.max_shard_bytes is not None and self.max_shard_bytes <= TAR_END:
             raise InputError(f"--max-shard-bytes must be > {TAR_END}, not {self.max_shard_bytes}")
+        if self.max_caption_bytes <= 0:
+            raise InputError(f"--max-caption-bytes must be > 0, not {self.max_caption_bytes}")
         if self.workers < 0:
             raise InputError(f"--workers must be >= 0, not {self.workers}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -107,7 +110,8 @@ class ShardOptions:
         """Everything that shapes the output (not workers, progress or the failure threshold)."""
         return {"columns": asdict(self.columns), "image_root": self.image_root, "input_format": self.input_format,
                 "samples_per_shard": self.samples_per_shard, "max_shard_bytes": self.max_shard_bytes,
-                "prefix": self.prefix, "image": asdict(self.image), "dedup_image": self.dedup_image,
+                "prefix": self.prefix, "image": asdict(self.image), "max_caption_bytes": self.max_caption_bytes,
+                "dedup_image": self.dedup_image,
                 "val_fraction": self.val_fraction}
 
 
@@ -140,11 +144,15 @@ class Failure:
 class SampleSettings:
     image: ImageSettings
     captions: bool = True  # False: --caption-col none
+    max_caption_bytes: int = 16384
 
 
 def sanitize_key(raw: str) -> str | None:
     """A key WebDataset groups correctly: no '.' in its last path part (it would split the extension), no
-    empty / '.' / '..' parts, valid UTF-8. None when nothing usable is left."""
+    empty / '.' / '..' parts, valid UTF-8, no control characters (a NUL cannot be in a tar member name). None
+    when nothing usable is left."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in raw):
+        return None
     parts = [p.strip() for p in raw.replace("\\", "/").split("/")]
     parts = [p for p in parts if p not in ("", ".", "..")]
     if not parts:
@@ -188,9 +196,17 @@ def _media_member(data: bytes, kind: str) -> tuple[str, bytes] | Failure:
     return Failure("bad_depth", "not PNG or a plain .npy array")
 
 
-def _caption(value: str | bytes | None) -> str | Failure:
+def _read_caption_file(ref: FileRef, max_bytes: int) -> bytes:
+    with open(ref.path, "rb") as f:
+        return f.read(max_bytes + 1)  # one byte past the limit is enough to refuse it
+
+
+def _caption(value: str | bytes | None, max_bytes: int = 16384) -> str | Failure:
     if value is None:
         return Failure("missing_caption")
+    size = len(value) if isinstance(value, bytes) else len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return Failure("caption_too_long", f"over {max_bytes} bytes (--max-caption-bytes)")
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -225,7 +241,8 @@ def build_sample(key: str, row: SourceRow, s: SampleSettings) -> Sample | Failur
     members: dict[str, bytes] = {}
     if s.captions:
         try:
-            caption = _caption(_read(row.caption) if isinstance(row.caption, FileRef) else row.caption)
+            caption = _caption(_read_caption_file(row.caption, s.max_caption_bytes)
+                               if isinstance(row.caption, FileRef) else row.caption, s.max_caption_bytes)
         except OSError as e:
             return Failure("missing_file", f"{row.caption.path}: {e.strerror or e}")
         if isinstance(caption, Failure):
@@ -391,9 +408,9 @@ class ShardFile:
         if index.column("key").to_pylist() != self.keys:
             raise RuntimeError(f"{self.tmp}: index keys differ from the keys written")  # a bug, not bad data
         w, h, sha = zip(*self.sizes) if self.sizes else ((), (), ())
-        index = pa.table({"key": index.column("key"), "members": index.column("members"),
-                          "width": pa.array(w, pa.int32()), "height": pa.array(h, pa.int32()),
-                          "sha256": pa.array(sha, pa.string())}, schema=SHARD_INDEX_SCHEMA)
+        index = with_tar_metadata(pa.table({"key": index.column("key"), "members": index.column("members"),
+                                            "width": pa.array(w, pa.int32()), "height": pa.array(h, pa.int32()),
+                                            "sha256": pa.array(sha, pa.string())}, schema=SHARD_INDEX_SCHEMA), index)
         write_index(index, index_path(self.final))
         self.failures_file.parent.mkdir(exist_ok=True)
         _write_parquet(pa.Table.from_pylist(self.failures, schema=FAILURES_SCHEMA), self.failures_file)
@@ -406,8 +423,16 @@ class ShardFile:
         return stats
 
     def abandon(self) -> None:
-        self.tar.close()
-        self.tmp.unlink(missing_ok=True)
+        """Removes what this shard left (also after a failed write: closing the tar may fail again, e.g. on a
+        full disk)."""
+        try:
+            self.tar.close()
+        except OSError:
+            pass
+        finally:
+            for p in (self.tmp, index_path(self.final), stats_path(self.final), self.failures_file):
+                p.with_name(p.name + ".tmp").unlink(missing_ok=True)
+            self.tmp.unlink(missing_ok=True)
 
 
 _SHARD_FILE = re.compile(r"(?P<prefix>.+)-(?P<number>\d{6})\.(?:tar|tar\.tmp|index\.parquet|stats\.json)(?:\.tmp)?$")
@@ -616,7 +641,8 @@ def run_shard(opts: ShardOptions) -> dict:
     writers = {split: SplitWriter(out / split if split else out, opts.split_prefix(split), opts.samples_per_shard,
                                   opts.max_shard_bytes, seen_images) for split in opts.splits()}
     resume = {split: w.resume_row for split, w in writers.items()}
-    settings = SampleSettings(opts.image, captions=opts.columns.caption != "none")
+    settings = SampleSettings(opts.image, captions=opts.columns.caption != "none",
+                              max_caption_bytes=opts.max_caption_bytes)
 
     started = time.monotonic()
     total_rows = [0]

@@ -2,7 +2,8 @@
 
 Formats: parquet, CSV / TSV and JSONL tables (plain or `.gz`), a folder tree of images with sidecar files, and
 WebDataset tars (ours, img2dataset's, anyone's). Folder trees and tars are read the same way: files are grouped
-by key the way WebDataset groups tar members (`dir/0001.jpg` + `dir/0001.txt` -> key `dir/0001`).
+by key the way WebDataset groups tar members (`dir/0001.jpg` + `dir/0001.txt` -> key `dir/0001`); symbolic
+links inside either are skipped (a link may point anywhere on the machine).
 
 Readers stay light: they hand over image *paths* (`FileRef`) and let the worker processes read and decode them;
 only bytes that live inside the input (a parquet binary column, a tar member) travel with the row. A row that
@@ -18,6 +19,7 @@ import json
 import os
 import tarfile
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -35,6 +37,7 @@ PASSTHROUGH_EXTS = frozenset({"wav", "flac", "mp3", "ogg", "npy", "png", "jpg", 
 IMAGE_COLUMN_GUESSES = ("image", "image_path", "img", "path", "filepath", "file_name", "filename", "jpg", "png", "webp")
 CAPTION_COLUMN_GUESSES = ("caption", "text", "txt", "title")
 NO_CAPTIONS = "none"  # --caption-col none: the data has no captions (e.g. labels only)
+MAX_CSV_RECORD_BYTES = 1 << 20  # a quoted field may span lines up to this (see _csv_records)
 
 
 class InputError(ValueError):
@@ -253,20 +256,56 @@ def _iter_parquet(spec: InputSpec, base_dir: str) -> Iterator[SourceRow]:
         yield SourceRow(source=f"{spec.path}#{n}", error=("bad_row", f"unreadable from row {n}: {e}"))
 
 
+def _csv_records(lines: Iterator[str], delimiter: str) -> Iterator[tuple[int, list[str] | None, str]]:
+    """(first line number, fields, "") per CSV record, or (line number, None, why) for a line whose quoting is
+    broken. A quoted field may span lines (RFC 4180), but only within MAX_CSV_RECORD_BYTES and only if its
+    closing quote is followed by a delimiter or the line's end (csv's strict mode); otherwise the record's
+    first line is a bad row and reading goes on at the next line. So one stray quote costs its own row, not
+    every row after it (a lenient reader takes everything up to the next quote into one caption)."""
+    numbered = enumerate(lines, 1)
+    pushed_back: deque[tuple[int, str]] = deque()
+
+    def next_line() -> tuple[int, str] | None:
+        return pushed_back.popleft() if pushed_back else next(numbered, None)
+
+    while (first := next_line()) is not None:
+        taken = [first]
+
+        def feed() -> Iterator[str]:  # the reader pulls lines only while its record is open
+            yield first[1]
+            size = len(first[1])
+            while size <= MAX_CSV_RECORD_BYTES and (line := next_line()) is not None:
+                taken.append(line)
+                size += len(line[1])
+                yield line[1]
+
+        try:
+            fields = next(csv.reader(feed(), delimiter=delimiter, strict=True))
+        except csv.Error as e:
+            pushed_back.extendleft(reversed(taken[1:]))
+            why = ("a quoted field opened on this line does not close within "
+                   f"{MAX_CSV_RECORD_BYTES >> 20} MiB or before the end of the file"
+                   if "unexpected end of data" in str(e) else f"a quoted field does not close properly ({e})")
+            yield first[0], None, f"{why}; the line is skipped, reading goes on at the next"
+            continue
+        yield first[0], fields, ""
+
+
 def _iter_csv(spec: InputSpec, base_dir: str) -> Iterator[SourceRow]:
     csv.field_size_limit(64 << 20)  # long captions are fine; the default 128 KiB limit is not a bad row
     with _open_text(spec.path) as f:
-        reader = csv.DictReader(f, delimiter="," if spec.format == "csv" else "\t")
-        while True:
-            try:
-                record = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield SourceRow(source=f"{spec.path}:{reader.line_num}", error=("bad_row", str(e)))
-                continue
-            record.pop(None, None)  # cells beyond the header
-            yield _row_from_record(record, spec.columns, base_dir, f"{spec.path}:{reader.line_num}")
+        header: list[str] | None = None
+        for lineno, fields, why in _csv_records(f, "," if spec.format == "csv" else "\t"):
+            source = f"{spec.path}:{lineno}"
+            if fields is None:
+                yield SourceRow(source=source, error=("bad_row", why))
+            elif not fields:
+                continue  # a blank line
+            elif header is None:
+                header = fields
+            else:  # missing cells are None, cells beyond the header are dropped (csv.DictReader's rules)
+                record = dict(zip(header, fields + [None] * (len(header) - len(fields))))
+                yield _row_from_record(record, spec.columns, base_dir, source)
 
 
 def _iter_jsonl(spec: InputSpec, base_dir: str) -> Iterator[SourceRow]:
@@ -332,8 +371,8 @@ def _iter_folder(spec: InputSpec, exclude: str | None) -> Iterator[SourceRow]:
         groups: dict[str, dict[str, FileRef]] = {}
         for name in sorted(filenames):
             parts = split_member_name(name)
-            if parts is None or name.startswith("."):
-                continue
+            if parts is None or name.startswith(".") or os.path.islink(os.path.join(dirpath, name)):
+                continue  # links are skipped, as in tar inputs: `leak.txt -> /etc/...` must not become a caption
             stem, ext = parts
             groups.setdefault(stem, {})[ext.lower()] = FileRef(os.path.join(dirpath, name))
         rel = os.path.relpath(dirpath, root).replace(os.sep, "/")

@@ -89,7 +89,8 @@ class SupervisedTask(_BackboneTask):
     def __init__(self, cfg: RunConfig):
         super().__init__(cfg, cfg.model.kwargs)
         self.model = self.backbone
-        self.decoder = ImageLabelDecoder(self.train_transform, cfg.data.jpeg_draft)
+        self.decoder = ImageLabelDecoder(self.train_transform, cfg.data.jpeg_draft,
+                                          getattr(self.model, "num_classes", 0) or None)
         l = cfg.loss
         self.mix = MixConfig(l.mixup, l.cutmix, l.mix_prob, l.mix_switch_prob, l.label_smoothing)
         self.flops_per_sample = 3 * forward_flops(cfg.model.name, **cfg.model.kwargs)

@@ -73,7 +73,7 @@ class ContrastiveTask:
         promote_scalar_params(model)
         self.model = model
         image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
-        self.decoder = ImageTextDecoder(train_tf, self.tokenizer, cfg.data.jpeg_draft)
+        self.decoder = ImageTextDecoder(train_tf, self.tokenizer, cfg.data.jpeg_draft, cfg.data.max_caption_bytes)
         self.flops_per_sample = clip_flops_per_sample(model, image_size, self.tokenizer.context_length)
 
     def param_groups(self) -> list[dict] | None:

@@ -96,6 +96,8 @@ class BadSampleBudget:
         self.seen = 0
 
     def add(self, batch: dict, batch_size: int) -> None:
+        if "error" in batch:  # a whole shard is unusable (the loader names it)
+            raise DataError(batch["error"])
         self.bad.update(batch["bad"])
         self.seen += batch_size
         n_bad = sum(self.bad.values())
