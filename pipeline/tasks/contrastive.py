@@ -5,12 +5,11 @@ all ranks' pairs (pipeline/objectives/clip_loss.py) or the sigmoid loss on a rin
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import RunConfig
 from pipeline.data.loader import ImageTextDecoder, expand_shards, local_shards
+from pipeline.eval.class_prompts import load_class_prompts
 from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
@@ -21,8 +20,8 @@ def check(cfg: RunConfig) -> None:
     check_model_name(cfg.model.name)
     if cfg.data.val:
         expand_shards(cfg.data.val, "data.val")
-    if cfg.data.classes and not Path(cfg.data.classes).is_file():
-        raise ConfigError(f"data.classes: file not found: {cfg.data.classes}")
+    if cfg.data.classes:
+        load_class_prompts(cfg.data.classes)  # raises ConfigError naming data.classes
 
 
 def contrastive_loss(out: dict, cfg: RunConfig) -> torch.Tensor:
@@ -33,6 +32,8 @@ def contrastive_loss(out: dict, cfg: RunConfig) -> torch.Tensor:
 
 
 class ContrastiveTask:
+    evaluates_on_all_ranks = True  # evaluate() spreads the held-out set over the ranks (pipeline/eval/ranks.py)
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         model, train_tf, self.eval_transform, self.tokenizer = create_clip(
@@ -57,6 +58,7 @@ class ContrastiveTask:
         return loss, stats
 
     def evaluate(self, model: torch.nn.Module) -> dict:
+        from pipeline.eval.ranks import EvalRanks
         from pipeline.eval.zero_shot import evaluate, format_results
 
         cfg = self.cfg
@@ -64,6 +66,7 @@ class ContrastiveTask:
             return {}
         val = local_shards(cfg.data.val, "data.val", cfg.data)
         results = evaluate(model, self.eval_transform, self.tokenizer, val, cfg.data.classes, cfg.eval.batch_size,
-                           cfg.eval.recall_at)
-        print("eval: " + format_results(results), flush=True)
+                           cfg.eval.recall_at, workers=cfg.data.workers)
+        if EvalRanks.current().rank == 0:
+            print("eval: " + format_results(results), flush=True)
         return results
