@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from conftest import run_pipeline
+from conftest import DEMO_CONFIG, run_pipeline
 from pipeline.config import ConfigError
 from pipeline.data.image_decode import ImageToTensor
 from pipeline.data.shard_writer import ShardWriter
@@ -182,3 +182,18 @@ def test_class_lists_and_bad_class_files(tmp_path):
         with pytest.raises(ConfigError, match=r"^data\.classes: ") as e:
             load_class_prompts(str(tmp_path / name))
         assert "\n" not in str(e.value)
+
+
+def test_bad_classes_stop_train_and_eval_with_one_line(tiny_clip, imagenet_shards, tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text('{"classes": ["a"]}')
+    proc = run_pipeline("eval", "--model", tiny_clip[0], "--val", imagenet_shards[0], "--classes", names, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: --classes: {names} must hold a list of class names or an "
+                                                f"object with exactly the keys \"classes\" and \"templates\""]
+    proc = run_pipeline("train", "--config", DEMO_CONFIG, f"data.train={imagenet_shards[0]}",
+                        f"data.val={imagenet_shards[0]}", "data.classes=imagenet.json", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: data.classes: file not found: imagenet.json (give 'imagenet', "
+                                                "a JSON list of class names, or a JSON {\"classes\": [...], "
+                                                "\"templates\": [...]})"]
