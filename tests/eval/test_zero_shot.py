@@ -184,15 +184,15 @@ def test_class_lists_and_bad_class_files(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_bad_classes_stop_train_and_eval_with_one_line(tiny_clip, imagenet_shards, tmp_path):
+def test_bad_classes_stop_train_and_eval_with_one_line(tiny_clip, demo_data, tmp_path):
     names = tmp_path / "names.json"
     names.write_text('{"classes": ["a"]}')
-    proc = run_pipeline("eval", "--model", tiny_clip[0], "--val", imagenet_shards[0], "--classes", names, check=False)
+    proc = run_pipeline("eval", "--model", tiny_clip[0], "--val", demo_data["val"], "--classes", names, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: --classes: {names} must hold a list of class names or an "
                                                 f"object with exactly the keys \"classes\" and \"templates\""]
-    proc = run_pipeline("train", "--config", DEMO_CONFIG, f"data.train={imagenet_shards[0]}",
-                        f"data.val={imagenet_shards[0]}", "data.classes=imagenet.json", check=False)
+    proc = run_pipeline("train", "--config", DEMO_CONFIG, f"data.train={demo_data['train']}",
+                        f"data.val={demo_data['val']}", "data.classes=imagenet.json", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: data.classes: file not found: imagenet.json (give 'imagenet', "
                                                 "a JSON list of class names, or a JSON {\"classes\": [...], "
