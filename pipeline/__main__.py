@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="zero-shot classification and retrieval recall@k on held-out shards")
     e.add_argument("--model", required=True, help="open_clip export dir, checkpoint dir or run dir")
     e.add_argument("--val", required=True, help="held-out shard pattern (braceexpand)")
-    e.add_argument("--classes", default="", help="zero-shot classes: 'imagenet' (names and templates from open_clip), a "
-                   "JSON list of class names, or a JSON {'classes': [...], 'templates': [...]}")
+    e.add_argument("--classes", default="", help="zero-shot classes: 'imagenet' (names and templates from "
+                   "open_clip), a JSON list of class names, or a JSON {'classes': [...], 'templates': [...]}")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--workers", type=int, default=2, help="loader processes per rank decoding the images")
     e.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,

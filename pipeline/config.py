@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str = ""  # shard pattern(s) for training, braceexpand syntax; several joined with '::'
     val: str = ""  # held-out shards for zero-shot / retrieval evaluation
-    classes: str = ""  # zero-shot: imagenet (from open_clip's metadata), a JSON list of names or {"classes", "templates"}
+    classes: str = ""  # zero-shot: imagenet (open_clip's metadata), a JSON list of names or {"classes", "templates"}
     workers: int = 2  # loader processes per rank
     shuffle_block: int = 4096  # samples are shuffled within blocks of this many (after shard order shuffle)
     max_bad_fraction: float = 0.01  # stop the run when more than this fraction of samples fails to decode

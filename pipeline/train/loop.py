@@ -204,7 +204,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             log_now = step % t.log_every == 0 or step == t.steps
             ckpt_now = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted
             eval_now = cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps and not preempted
-            if sync_debug != "off" and (log_now or ckpt_now or eval_now):  # reading values back is what log steps are for
+            if sync_debug != "off" and (log_now or ckpt_now or eval_now):  # these steps read values back
                 torch.cuda.set_sync_debug_mode("default")
             if log_now:
                 dist.all_reduce(loss_sum)
@@ -264,13 +264,15 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
         profiler.close()
         getattr(batches, "_shutdown_workers", lambda: None)()  # (single-process iterators have none)
 
-    results = evaluate_engine(engine, task, cfg, is_main) if t.eval_at_end else {}
-    if is_main and results:
-        (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
-    if metrics:
-        if results:
+    try:
+        results = evaluate_engine(engine, task, cfg, is_main) if t.eval_at_end else {}
+        if is_main and results:
+            (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
+        if metrics and results:
             metrics.log_eval(step, results)
-        metrics.close()
+    finally:
+        if metrics:
+            metrics.close()
     if keys_log:
         keys_log.close()
     dist.barrier()
