@@ -89,17 +89,37 @@ def _checkpoint(path: str) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
+    import torch
+
     from pipeline.data.loader import expand_shards
+    from pipeline.eval.class_prompts import load_class_prompts
     from pipeline.eval.zero_shot import evaluate, format_results
+    from pipeline.train.distributed import init_process_group, read_dist_env
 
     expand_shards(args.val, "--val")
-    if args.classes and not Path(args.classes).is_file():
-        raise UserError(f"--classes: file not found: {args.classes}")
+    if args.classes:
+        load_class_prompts(args.classes, "--classes")
+    if args.batch_size <= 0 or args.workers < 0 or args.nproc_per_node <= 0:
+        raise UserError("--batch-size and --nproc-per-node must be > 0, --workers >= 0")
+    env = read_dist_env()
+    if not env.launched and args.nproc_per_node > 1:
+        return _torchrun(args.nproc_per_node, [
+            "eval", "--model", args.model, "--val", args.val, "--classes", args.classes, "--batch-size",
+            str(args.batch_size), "--workers", str(args.workers), "--out", args.out])
+    use_cuda = torch.cuda.is_available()
+    if env.launched:
+        if use_cuda:
+            torch.cuda.set_device(env.local_rank)
+        init_process_group(env, "nccl" if use_cuda else "gloo")
     model, eval_tf, tokenizer = _load_for_eval(args.model)
-    results = evaluate(model, eval_tf, tokenizer, args.val, args.classes, args.batch_size)
-    print(format_results(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+    if use_cuda:
+        model.cuda()
+    results = evaluate(model, eval_tf, tokenizer, args.val, args.classes, args.batch_size, workers=args.workers,
+                       classes_key="--classes")
+    if env.rank == 0:
+        print(format_results(results), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
 
 
@@ -257,8 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="zero-shot classification and retrieval recall@k on held-out shards")
     e.add_argument("--model", required=True, help="open_clip export dir, checkpoint dir or run dir")
     e.add_argument("--val", required=True, help="held-out shard pattern (braceexpand)")
-    e.add_argument("--classes", default="", help="classes.json for zero-shot ({'classes': [...], 'templates': [...]})")
+    e.add_argument("--classes", default="", help="zero-shot classes: 'imagenet' (names and templates from "
+                   "open_clip), a JSON list of class names, or a JSON {'classes': [...], 'templates': [...]}")
     e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--workers", type=int, default=2, help="loader processes per rank decoding the images")
+    e.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
+                   help="spread the evaluation over this many local ranks (started with torchrun)")
     e.add_argument("--out", default="", help="also write the results as JSON here")
     e.set_defaults(func=cmd_eval)
 

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 class DataConfig:
     train: str = ""  # shard pattern(s) for training, braceexpand syntax; several joined with '::'
     val: str = ""  # held-out shards for zero-shot / retrieval evaluation
-    classes: str = ""  # classes.json ({"classes": [...], "templates": [...]}); zero-shot is skipped if empty
+    classes: str = ""  # zero-shot: imagenet (open_clip's metadata), a JSON list of names or {"classes", "templates"}
     workers: int = 2  # loader processes per rank
     shuffle_block: int = 4096  # samples are shuffled within blocks of this many (after shard order shuffle)
     max_bad_fraction: float = 0.01  # stop the run when more than this fraction of samples fails to decode
@@ -126,11 +126,14 @@ class TrainConfig:
     keep_last: int = 3
     resume: str = "none"  # none | auto | path of a checkpoint directory
     eval_at_end: bool = True
-    progress: bool = True
+    progress: bool = True  # a tqdm bar when stderr is a terminal; otherwise (SLURM logs) a line every log_every
+    report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # and/or wandb (if installed)
+    wandb_project: str = "pipeline"  # wandb: the run is named after out_dir and resumes with it
 
 
 @dataclass
 class EvalConfig:
+    every: int = 0  # also evaluate every this many steps (0: only at the end, train.eval_at_end)
     batch_size: int = 256
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
     knn_k: int = 20  # backbones: kNN on frozen pooled features (0 = off)
@@ -296,6 +299,17 @@ def _check_values(cfg: RunConfig) -> None:
     _check_model(cfg)
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off)")
+    if cfg.eval.every < 0:
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 (0: only at the end)")
+    sinks = ("jsonl", "tensorboard", "wandb")
+    for sink in t.report_to:
+        if sink not in sinks:
+            raise ConfigError(f"train.report_to: {sink!r} is not valid; choose any of {', '.join(sinks)}")
+    if "wandb" in t.report_to:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("train.report_to: wandb is not installed (pip install wandb), or drop it from the list")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
     if not cfg.data.pipe_max_shard_gb >= 0:

@@ -1,7 +1,7 @@
 """Emergent zero-shot classification and cross-modal retrieval for a bound modality (ImageBind-style).
 
 The modality encoder was trained against images only; text never touched it. Zero-shot classification of the
-modality therefore uses the frozen text tower's class-prompt embeddings (`zero_shot.class_embeddings`) against
+modality therefore uses the frozen text tower's class-prompt embeddings (`class_prompts.zero_shot_weights`) against
 the modality embeddings: that it works at all is the "emergent" alignment. Retrieval recall@k on held-out
 samples, the match of each query being its own sample: modality -> image, image -> modality, text (the caption)
 -> modality, modality -> text. For reference, the frozen image tower's own zero-shot accuracy on the same
@@ -9,9 +9,7 @@ samples is reported as `image_zero_shot_top1` (what the binding can at best inhe
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -19,7 +17,9 @@ import torch
 from pipeline.data.image_decode import ImageToTensor
 from pipeline.data.loader import BadSample, ShardSet, decode_caption, expand_shards, image_member
 from pipeline.data.modalities import decode_modality
-from pipeline.eval.zero_shot import class_embeddings, recall_at_k
+from pipeline.eval.class_prompts import load_class_prompts, zero_shot_weights
+from pipeline.eval.ranks import EvalRanks
+from pipeline.eval.retrieval import recall_at_k
 
 
 def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform: Callable,
@@ -101,15 +101,15 @@ def evaluate_emergent(model, modality: str, val: str | list[str], image_transfor
     img, txt, mod = torch.cat(img_f), torch.cat(txt_f), torch.cat(mod_f)
     label_t = torch.tensor(labels)
     if classes_json and (label_t >= 0).all():
-        classes = json.loads(Path(classes_json).read_text())
-        cls_emb = class_embeddings(model, tokenizer, classes["classes"], classes["templates"], device)
-        results["classes"] = len(classes["classes"])
+        prompts = load_class_prompts(classes_json)
+        cls_emb = zero_shot_weights(model, tokenizer, prompts, device, EvalRanks())  # rank 0 evaluates alone
+        results["classes"] = len(prompts.classes)
         results[f"{m}_zero_shot_top1"], results[f"{m}_zero_shot_top5"] = _topk_accuracy(mod, cls_emb, label_t)
         results["image_zero_shot_top1"], results["image_zero_shot_top5"] = _topk_accuracy(img, cls_emb, label_t)
     ks = list(recall_at)
-    for name, sim in ((f"{m}2image", mod @ img.T), (f"image2{m}", img @ mod.T),
-                      (f"text2{m}", txt @ mod.T), (f"{m}2text", mod @ txt.T)):
-        for k, v in recall_at_k(sim, ks).items():
+    for name, (queries, items) in ((f"{m}2image", (mod, img)), (f"image2{m}", (img, mod)),
+                                   (f"text2{m}", (txt, mod)), (f"{m}2text", (mod, txt))):
+        for k, v in recall_at_k(queries, items, ks).items():
             results[f"{name}_R@{k}"] = v
     return results
 

@@ -27,7 +27,9 @@ class Task(Protocol):
         """Forward through `engine` and the loss; the dict holds detached scalars for the metrics."""
 
     def evaluate(self, model: torch.nn.Module) -> dict:
-        """Evaluation of the (full, gathered) model on rank 0; {} when the config has no held-out data."""
+        """Evaluation of the (full, gathered) model; {} when the config has no held-out data. Runs on rank 0
+        alone, or on every rank (each taking a share) when the task sets `evaluates_on_all_ranks = True`
+        (CLIP / SigLIP: pipeline/eval/zero_shot.py)."""
 
     # Optional: step_losses(engine, batches, device) -> Iterator[(loss, stats)], for a task whose micro-batch
     # loss depends on the other micro-batches of the step (see `step_losses` below).

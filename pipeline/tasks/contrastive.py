@@ -6,7 +6,6 @@ gradient accumulation the loss spans every micro-batch of the step (pipeline/tra
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import open_clip
@@ -14,6 +13,7 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.loader import ImageTextDecoder, expand_shards, local_shards
+from pipeline.eval.class_prompts import load_class_prompts
 from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
 from pipeline.models.pretrained import check_clip_pretrained, load_clip_pretrained
 from pipeline.objectives.clip_loss import clip_loss
@@ -33,8 +33,8 @@ def check(cfg: RunConfig) -> None:
         check_clip_pretrained(m.name, m.pretrained, cfg.loss.name, m.patch_dropout)
     if cfg.data.val:
         expand_shards(cfg.data.val, "data.val")
-    if cfg.data.classes and not Path(cfg.data.classes).is_file():
-        raise ConfigError(f"data.classes: file not found: {cfg.data.classes}")
+    if cfg.data.classes:
+        load_class_prompts(cfg.data.classes)  # raises ConfigError naming data.classes
 
 
 def contrastive_loss(out: dict, cfg: RunConfig) -> torch.Tensor:
@@ -61,6 +61,8 @@ def lock_towers(model: torch.nn.Module, cfg: RunConfig) -> None:
 
 
 class ContrastiveTask:
+    evaluates_on_all_ranks = True  # evaluate() spreads the held-out set over the ranks (pipeline/eval/ranks.py)
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         m = cfg.model
@@ -124,6 +126,7 @@ class ContrastiveTask:
         return loss, stats
 
     def evaluate(self, model: torch.nn.Module) -> dict:
+        from pipeline.eval.ranks import EvalRanks
         from pipeline.eval.zero_shot import evaluate, format_results
 
         cfg = self.cfg
@@ -131,6 +134,7 @@ class ContrastiveTask:
             return {}
         val = local_shards(cfg.data.val, "data.val", cfg.data)
         results = evaluate(model, self.eval_transform, self.tokenizer, val, cfg.data.classes, cfg.eval.batch_size,
-                           cfg.eval.recall_at)
-        print("eval: " + format_results(results), flush=True)
+                           cfg.eval.recall_at, workers=cfg.data.workers)
+        if EvalRanks.current().rank == 0:
+            print("eval: " + format_results(results), flush=True)
         return results

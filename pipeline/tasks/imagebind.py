@@ -52,6 +52,10 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"imagebind.modalities={ib.modalities} must be a non-empty list of {', '.join(MODALITIES)}")
     if cfg.data.val:
         expand_shards(cfg.data.val, "data.val")
+    if cfg.data.classes:
+        from pipeline.eval.class_prompts import load_class_prompts
+
+        load_class_prompts(cfg.data.classes)  # raises ConfigError naming data.classes
 
 
 def _decode_options(cfg: RunConfig, modality: str) -> dict:

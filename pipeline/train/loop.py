@@ -107,6 +107,11 @@ class BadSampleBudget:
                             f"data.max_bad_fraction={self.max_fraction}")
 
 
+def is_sample_count(key: str) -> bool:
+    """Evaluation keys that count samples or classes (the same for the raw weights and their EMA)."""
+    return key in ("samples", "classes", "labels_out_of_range") or key.endswith("_samples")
+
+
 def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     """Trains; returns the final evaluation results (rank 0) or {}."""
     validate_run(cfg, env.world_size)
@@ -165,7 +170,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     dataset = ShardBatches(shards, spec, task.decoder, start=position)
     batches = iter(make_train_loader(dataset, cfg.data.workers, pin_memory=use_cuda))
     device = engine.device
-    metrics = MetricsLog(out_dir, t.steps, start_step, t.progress and is_main) if is_main else None
+    metrics = (MetricsLog(out_dir, t.steps, start_step, t.progress, t.report_to, t.wandb_project, to_dict(cfg))
+               if is_main else None)
     keys_log = SampleKeyLog(out_dir, env.rank, start_step) if cfg.data.log_sample_keys else None
     budget = BadSampleBudget(cfg.data.max_bad_fraction)
     peak_tflops = device_peak_tflops(cfg)
@@ -230,7 +236,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             preempted = preemption.requested(host_group())  # collective, on the host: all ranks stop together
             log_now = step % t.log_every == 0 or step == t.steps
             ckpt_now = (t.ckpt_every and step % t.ckpt_every == 0) or step == t.steps or preempted
-            if sync_debug != "off" and (log_now or ckpt_now):  # reading values back is what log steps are for
+            eval_now = cfg.eval.every and step % cfg.eval.every == 0 and step < t.steps and not preempted
+            if sync_debug != "off" and (log_now or ckpt_now or eval_now):  # these steps read values back
                 torch.cuda.set_sync_debug_mode("default")
             if log_now:
                 dist.all_reduce(loss_sum)
@@ -268,6 +275,11 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last,
                                 ema.save if ema is not None else None)
                 window_start = time.perf_counter()  # checkpoint time is not training throughput
+            if eval_now:  # after the checkpoint: a failing evaluation loses no training
+                results = evaluate_engine(engine, task, cfg, is_main)
+                if metrics and results:
+                    metrics.log_eval(step, results)
+                window_start = time.perf_counter()
             if preempted and step < t.steps:
                 if is_main:  # the marker tells a parent launcher (whose own exit code is torchrun's) what happened
                     (out_dir / PREEMPTED_MARKER).write_text(f"{step}\n")
@@ -286,17 +298,21 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
         profiler.close()
         getattr(batches, "_shutdown_workers", lambda: None)()  # (single-process iterators have none)
 
-    if metrics:
-        metrics.close()
-    results = evaluate_engine(engine, task, cfg, is_main) if t.eval_at_end else {}
-    if ema is not None and results:  # the average beside the raw weights, as ema_<metric>
-        if is_main:
-            print(f"evaluating the weight EMA (train.ema_decay={t.ema_decay})", flush=True)
-        with ema.swapped_in():
-            results.update({f"ema_{k}": v for k, v in evaluate_engine(engine, task, cfg, is_main).items()
-                            if k not in ("samples", "classes")})
-    if is_main and results:
-        (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
+    try:
+        results = evaluate_engine(engine, task, cfg, is_main) if t.eval_at_end else {}
+        if ema is not None and results:  # the average beside the raw weights, as ema_<metric>
+            if is_main:
+                print(f"evaluating the weight EMA (train.ema_decay={t.ema_decay})", flush=True)
+            with ema.swapped_in():
+                results.update({f"ema_{k}": v for k, v in evaluate_engine(engine, task, cfg, is_main).items()
+                                if not is_sample_count(k)})
+        if is_main and results:
+            (out_dir / "eval.json").write_text(json.dumps({"step": step, **results}, indent=2))
+        if metrics and results:
+            metrics.log_eval(step, results)
+    finally:
+        if metrics:
+            metrics.close()
     if keys_log:
         keys_log.close()
     dist.barrier()
@@ -330,14 +346,18 @@ class SampleKeyLog:
 
 
 def evaluate_engine(engine, task, cfg: RunConfig, is_main: bool) -> dict:
-    """Rank 0 evaluates the full model (under ZeRO-3 all ranks gather the parameters first)."""
+    """Evaluates the full model (under ZeRO-3 all ranks gather the parameters first): on every rank for tasks
+    whose evaluation is spread over the ranks (`evaluates_on_all_ranks`), else on rank 0 while the others wait.
+    Returns the results on rank 0, {} elsewhere; every module's train/eval mode is as it was before."""
     import deepspeed
 
     gather = (deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
               if cfg.train.zero_stage == 3 else nullcontext())
+    modes = [(m, m.training) for m in engine.module.modules()]  # frozen parts stay in eval mode
     results = {}
     with gather:
-        if is_main:
+        if is_main or getattr(task, "evaluates_on_all_ranks", False):
             results = task.evaluate(engine.module)
-    engine.module.train()
-    return results
+    for module, training in modes:
+        module.training = training
+    return results if is_main else {}

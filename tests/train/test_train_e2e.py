@@ -1,6 +1,7 @@
 """Real 2-rank DeepSpeed runs on CPU (torchrun, gloo): training, checkpoints, eval, export, kill and resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,7 +26,8 @@ def _train(demo_data, out, **extra):
 @pytest.fixture(scope="module")
 def trained(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    _train(demo_data, out)
+    proc = _train(demo_data, out, **{"eval.every": 4})
+    (out / "stdout.log").write_text(proc.stdout)  # not a terminal: plain log lines, no progress bar
     return out
 
 
@@ -52,6 +54,18 @@ def test_two_rank_run_writes_metrics_checkpoints_and_eval(trained):
     results = json.loads((trained / "eval.json").read_text())
     assert results["samples"] == 80 and results["classes"] == 40
     assert {"zero_shot_top1", "zero_shot_top5", "i2t_R@1", "t2i_R@10"} <= results.keys()
+    evals = read_metrics(trained / "eval.jsonl")  # eval.every=4 and the end, each spread over both ranks
+    assert [r["step"] for r in evals] == [4, 6] and evals[-1] == {"step": 6, **results}
+    assert evals[0]["samples"] == 80 and evals[0] != evals[-1]
+
+
+def test_non_tty_run_prints_one_line_per_log_step(trained):
+    lines = [line for line in (trained / "stdout.log").read_text().splitlines() if line.startswith("step ")]
+    pattern = (r"step (\d+)/6 \| loss \d+\.\d{4} \| lr \d\.\d\de[-+]\d\d \| \d+\.\d samples/s \| "
+               r"data-wait \d+\.\d% \| ETA \d+:\d\d:\d\d")
+    assert [int(re.fullmatch(pattern, line).group(1)) for line in lines] == [1, 2, 3, 4, 5, 6]
+    records = read_metrics(trained / "metrics.jsonl")
+    assert [f"loss {r['loss']:.4f}" in line for r, line in zip(records, lines)] == [True] * 6
 
 
 def test_export_loads_in_plain_open_clip_with_equal_embeddings(trained, demo_data, tmp_path):
