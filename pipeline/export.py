@@ -8,27 +8,36 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline.train.checkpoint import resolve_checkpoint
+from pipeline.export_target import export_directory
+from pipeline.train.checkpoint import CheckpointError, load_state_file, resolve_checkpoint, vet_checkpoint
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (partitions merged). Parameters the
     optimizer did not hold (frozen towers) come from the module state that rank 0 saved."""
+    vet_checkpoint(ckpt)  # every file DeepSpeed's zero_to_fp32 below may unpickle (weights_only=False)
     model_states = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))  # ZeRO-3 prefixes it with zero_pp_rank_0_
-    states = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    if not model_states:
+        raise CheckpointError(f"{ckpt} holds no DeepSpeed model states (mp_rank_00_model_states.pt)")
+    states = load_state_file(model_states[0])
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise CheckpointError(f"{model_states[0]} holds no module state dict")
     module = {k: v.float() for k, v in states["module"].items() if v.numel()}  # ZeRO-3 leaves empty placeholders
     if any(ckpt.glob("*optim_states.pt")) and any(ckpt.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # loads with weights_only=False: the files passed vet_checkpoint above
         trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        return {**{k: v for k, v in module.items() if k not in trained}, **trained}
+        module = {**{k: v for k, v in module.items() if k not in trained}, **trained}
+    bad = [k for k, v in module.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{ckpt} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                              f"diverged before this checkpoint; use an earlier one")
     return module
 
 
@@ -76,20 +85,15 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path) -> Path:
     pp = model.visual.preprocess_cfg
     preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "open_clip_model.safetensors"))
-    (tmp / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
-        "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1]),
-                     **({"open_clip_kwargs": kw} if (kw := open_clip_load_kwargs(model)) else {})},
-    }, indent=2))
-    export_clip_image_trunk(model, tmp / "timm_image_trunk")  # SwinV2 trunks only; None (nothing) otherwise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with export_directory(out, "open_clip") as tmp:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "open_clip_model.safetensors"))
+        (tmp / "open_clip_config.json").write_text(json.dumps({
+            "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
+            "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1]),
+                         **({"open_clip_kwargs": kw} if (kw := open_clip_load_kwargs(model)) else {})},
+        }, indent=2))
+        export_clip_image_trunk(model, tmp / "timm_image_trunk")  # SwinV2 trunks only; None (nothing) otherwise
     return out
 
 

@@ -22,8 +22,12 @@ class MetricsLog:
     def _truncate_after(self, step: int) -> None:
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) == len(lines):
+            return
+        print(f"{self.path}: {len(lines) - len(kept)} records after step {step} dropped (the run continues from "
+              f"step {step} and writes them again)", flush=True)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
