@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline.export_target import export_directory
+from pipeline.export_target import ExportTargetError, export_directory
 from pipeline.train.checkpoint import CheckpointError, load_state_file, resolve_checkpoint, vet_checkpoint
 
 
@@ -42,7 +43,28 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def checkpoint_config(ckpt: Path) -> dict:
-    return yaml.safe_load((ckpt / "config.yaml").read_text())
+    """The resolved run config saved in the checkpoint (a mapping with at least model.name), else CheckpointError."""
+    try:
+        cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{ckpt / 'config.yaml'}: not readable as the run's config ({type(e).__name__})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or "name" not in cfg["model"]:
+        raise CheckpointError(f"{ckpt / 'config.yaml'} is not a run config (no model.name)")
+    return cfg
+
+
+@contextmanager
+def weights_fit(ckpt: Path, cfg: dict):
+    """Turns a state dict that does not fit the model its config names (another task's checkpoint, an edited
+    config) into one CheckpointError line instead of torch's key-by-key report."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as e:
+        if isinstance(e, (CheckpointError, ExportTargetError)):
+            raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{ckpt}: its weights do not fit the model its config names (task "
+                              f"{cfg.get('task', 'clip')}, model.name {cfg['model']['name']}): {detail}") from None
 
 
 def load_model_from_checkpoint(ckpt: Path):
@@ -50,10 +72,13 @@ def load_model_from_checkpoint(ckpt: Path):
     from pipeline.models.clip import create_clip, load_state_dict_reshaped
 
     cfg = checkpoint_config(ckpt)
+    if cfg.get("task", "clip") != "clip":
+        raise CheckpointError(f"{ckpt} is a checkpoint of a {cfg['task']} run, not of a CLIP / SigLIP model")
     model, train_tf, eval_tf, tokenizer = create_clip(cfg["model"]["name"], loss_name=cfg["loss"]["name"])
     state = consolidated_state_dict(ckpt)
     clamp_logit_scale(state, cfg["loss"]["logit_scale_max"])
-    load_state_dict_reshaped(model, state)
+    with weights_fit(ckpt, cfg):
+        load_state_dict_reshaped(model, state)
     return model, train_tf, eval_tf, tokenizer, cfg
 
 
@@ -107,7 +132,8 @@ def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> 
 
     ckpt = resolve_checkpoint(checkpoint)
     task = ImageBindTask(load_config(ckpt / "config.yaml"))
-    load_state_dict_reshaped(task.model, consolidated_state_dict(ckpt))
+    with weights_fit(ckpt, checkpoint_config(ckpt)):
+        load_state_dict_reshaped(task.model, consolidated_state_dict(ckpt))
     return export_imagebind(task.model, out_dir)
 
 
@@ -125,7 +151,8 @@ def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> P
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         kwargs["num_classes"] = 0
     arch, arch_kwargs = resolve_backbone(cfg["model"]["name"], **kwargs)
-    return export_timm(state, out_dir, arch, arch_kwargs)
+    with weights_fit(ckpt, cfg):
+        return export_timm(state, out_dir, arch, arch_kwargs)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
