@@ -295,7 +295,8 @@ def universal_checkpoint(path: str | Path) -> Path:
 
 
 def convert_to_universal(path: Path, out: Path, workers: int | None = None) -> None:
-    """DeepSpeed checkpoint directory -> universal checkpoint directory (DeepSpeed's ds_to_universal)."""
+    """DeepSpeed checkpoint directory -> universal checkpoint directory (DeepSpeed's ds_to_universal, which
+    unpickles with weights_only=False: its only caller, load_checkpoint, has run vet_checkpoint on `path`)."""
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
            "--output_folder", str(out), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),

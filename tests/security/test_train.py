@@ -45,13 +45,6 @@ def test_config_values_out_of_range_are_one_line(capsys, tmp_path, override, key
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {key}=") and "must be" in err[0], err
 
 
-def test_nproc_per_node_zero_is_refused(demo_data, tmp_path):
-    proc = run_pipeline("train", "--config", DEMO_CONFIG, "--nproc-per-node", "0",
-                        *train_overrides(demo_data, tmp_path / "run", **{"train.steps": 1}), check=False)
-    assert "--nproc-per-node" in _one_error_line(proc)
-    assert not (tmp_path / "run").exists()
-
-
 def test_out_dir_that_is_a_file_is_one_line(demo_data, tmp_path):
     target = tmp_path / "run"
     target.write_text("keep me")
@@ -140,3 +133,19 @@ def test_a_diverging_run_stops_in_one_line_and_writes_no_checkpoint_after_it(dem
     steps = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step_*"))
     assert steps and max(steps) < bad[0] + 1  # no checkpoint once the run was known to have diverged
     consolidated_state_dict(out / "checkpoints" / f"step_{max(steps):08d}")  # raises on non-finite weights
+
+
+def test_a_planted_pickle_in_the_universal_copy_is_refused_before_deepspeed_reads_it(tmp_path):
+    """Resuming on another number of ranks makes DeepSpeed read `universal/` (weights_only=False): every `.pt` in
+    the checkpoint tree is checked first, not only the top-level files."""
+    from pipeline.train.checkpoint import CheckpointError, vet_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "run")
+    vet_checkpoint(ckpt)  # the untouched checkpoint passes
+    planted = ckpt / "universal" / "zero" / "visual.conv1.weight" / "fp32.pt"
+    planted.parent.mkdir(parents=True)
+    marker = tmp_path / "code_ran"
+    plant_pickle(planted, marker)
+    with pytest.raises(CheckpointError, match="fp32.pt: refused"):
+        vet_checkpoint(ckpt)
+    assert not marker.exists()
