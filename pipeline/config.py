@@ -254,8 +254,8 @@ def _check_values(cfg: RunConfig) -> None:
     positive = {
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "train.log_every": t.log_every, "train.keep_last": t.keep_last, "eval.batch_size": cfg.eval.batch_size,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
     }
-    positive.update({"train.max_nonfinite_steps": t.max_nonfinite_steps})
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}={v} must be > 0")
@@ -270,9 +270,7 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}={v} must be > 0")
     if t.seed < 0:
         raise ConfigError(f"train.seed={t.seed} must be >= 0 (numpy seeds are unsigned)")
-    if t.min_lr < 0:
-        raise ConfigError(f"train.min_lr={t.min_lr} must be >= 0")
-    for key, v in {"train.warmup_steps": t.warmup_steps, "train.ckpt_every": t.ckpt_every,
+    for key, v in {"train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps, "train.ckpt_every": t.ckpt_every,
                    "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
                    "data.workers": cfg.data.workers, "train.global_batch_size": t.global_batch_size}.items():
         if v < 0:

@@ -95,7 +95,10 @@ def clear_run_outputs(out_dir: Path) -> None:
     (root / "latest").unlink(missing_ok=True)
     for name in RUN_OUTPUTS:
         p = out_dir / name
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, datasheet
