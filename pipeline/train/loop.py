@@ -245,7 +245,10 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 step_loss += loss.detach() / t.grad_accum
             loss_sum += step_loss
             step += 1
-            nonfinite.update(step, step_loss, plain.grad_norm if plain is not None else engine.get_global_grad_norm())
+            # fp16's loss scaler overflows on purpose (it skips those steps and lowers the scale): its grad norm is
+            # no sign of divergence, the loss is
+            nonfinite.update(step, step_loss, plain.grad_norm if plain is not None else
+                             None if engine.fp16_enabled() else engine.get_global_grad_norm())
             window_steps += 1
             samples_seen += t.global_batch_size
             if keys_log:
