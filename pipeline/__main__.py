@@ -51,10 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pipeline.train.loop import PREEMPTED_MARKER, run_training, validate_run
     from pipeline.train.preemption import PREEMPTION_EXIT_CODE
 
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node must be >= 1, not {args.nproc_per_node}")
     cfg = load_config(args.config, args.overrides)
     env = read_dist_env()
     if not env.launched and args.nproc_per_node > 1:
-        validate_run(cfg, args.nproc_per_node)  # fail here, before any process starts
+        validate_run(cfg, args.nproc_per_node, check_resume_files=True)  # fail here, before any process starts
         rc = _torchrun(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])
         if rc and (Path(cfg.train.out_dir) / PREEMPTED_MARKER).is_file():
             return PREEMPTION_EXIT_CODE  # torchrun reports any worker exit as 1; the ranks exited 75
@@ -125,13 +127,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export_checkpoint, open_clip_export_kwargs
+    from pipeline.export_target import ExportTargetError, check_export_target
 
     from pipeline.train.ema import EMA_FILE
 
     ckpt = _checkpoint(args.checkpoint)
     if args.ema and not (ckpt / EMA_FILE).is_file():
         raise UserError(f"--ema: {ckpt} holds no weight EMA (train with train.ema_decay > 0, e.g. 0.9998)")
-    out = export_checkpoint(ckpt, args.out, ema=args.ema)
+    try:
+        check_export_target(args.out, ckpt)  # before any work; checked again when the export is in place
+        out = export_checkpoint(ckpt, args.out, ema=args.ema)
+    except ExportTargetError as e:
+        raise UserError(f"--out: {e}") from None
     if (out / "config.json").is_file():
         print(f"timm directory written: {out} (load with timm.create_model('local-dir:{out}', pretrained=True))")
         return 0
@@ -166,6 +173,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc-per-node must be >= 1, not {args.nproc_per_node}")
     if not Path(args.config).is_file():
         raise UserError(f"--config: file not found: {args.config}")
     from pipeline.config import load_config
@@ -288,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="checkpoint (any ZeRO stage) -> open_clip directory")
     x.add_argument("--checkpoint", required=True, help="checkpoint dir (step_XXXXXXXX) or run dir (its newest)")
-    x.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    x.add_argument("--out", required=True, help="output directory: new, empty, or a previous export (replaced "
+                   "atomically); anything else is refused")
     x.add_argument("--ema", action="store_true", help="the weight EMA (train.ema_decay) instead of the raw weights")
     x.set_defaults(func=cmd_export)
 
@@ -351,10 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import ConfigError
     from pipeline.data.loader import DataError
     from pipeline.models.clip import ModelNameError
+    from pipeline.train.checkpoint import CheckpointError
+    from pipeline.train.nonfinite import NonFiniteError
 
     try:
         return args.func(args)
-    except (UserError, ConfigError, DataError, ModelNameError) as e:
+    except (UserError, ConfigError, DataError, ModelNameError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

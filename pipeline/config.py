@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,8 @@ class TrainConfig:
     ckpt_every: int = 200  # 0: only at the end
     keep_last: int = 3
     resume: str = "none"  # none | auto | path of a checkpoint directory
+    overwrite: bool = False  # a fresh run may replace the checkpoints and metrics of another run in out_dir
+    max_nonfinite_steps: int = 3  # stop after this many consecutive steps with a non-finite loss or grad norm
     eval_at_end: bool = True
     progress: bool = True  # a tqdm bar when stderr is a terminal; otherwise (SLURM logs) a line every log_every
     report_to: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])  # and/or wandb (if installed)
@@ -271,11 +274,23 @@ def _check_values(cfg: RunConfig) -> None:
     positive = {
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
         "train.log_every": t.log_every, "train.keep_last": t.keep_last, "eval.batch_size": cfg.eval.batch_size,
+        "train.max_nonfinite_steps": t.max_nonfinite_steps,
     }
     for key, v in positive.items():
         if v <= 0:
             raise ConfigError(f"{key}={v} must be > 0")
-    for key, v in {"train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.ckpt_every": t.ckpt_every,
+    # nan compares False with everything: each float is checked finite first, then for its range
+    for key, v in {"train.lr": t.lr, "train.min_lr": t.min_lr, "train.weight_decay": t.weight_decay,
+                   "train.eps": t.eps, "train.grad_clip": t.grad_clip, "loss.logit_scale_max": cfg.loss.logit_scale_max,
+                   "train.lr_gamma": t.lr_gamma, "train.peak_tflops": t.peak_tflops}.items():
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}={v} must be a finite number")
+    for key, v in {"train.lr": t.lr, "loss.logit_scale_max": cfg.loss.logit_scale_max, "train.eps": t.eps}.items():
+        if v <= 0:
+            raise ConfigError(f"{key}={v} must be > 0")
+    if t.seed < 0:
+        raise ConfigError(f"train.seed={t.seed} must be >= 0 (numpy seeds are unsigned)")
+    for key, v in {"train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps, "train.ckpt_every": t.ckpt_every,
                    "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
                    "data.workers": cfg.data.workers, "train.global_batch_size": t.global_batch_size}.items():
         if v < 0:

@@ -8,27 +8,37 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline.train.checkpoint import resolve_checkpoint
+from pipeline.export_target import ExportTargetError, export_directory
+from pipeline.train.checkpoint import CheckpointError, load_state_file, resolve_checkpoint, vet_checkpoint
 
 
 def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage (partitions merged). Parameters the
     optimizer did not hold (frozen towers) come from the module state that rank 0 saved."""
+    vet_checkpoint(ckpt)  # every file DeepSpeed's zero_to_fp32 below may unpickle (weights_only=False)
     model_states = sorted(ckpt.glob("*mp_rank_00_model_states.pt"))  # ZeRO-3 prefixes it with zero_pp_rank_0_
-    states = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    if not model_states:
+        raise CheckpointError(f"{ckpt} holds no DeepSpeed model states (mp_rank_00_model_states.pt)")
+    states = load_state_file(model_states[0])
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise CheckpointError(f"{model_states[0]} holds no module state dict")
     module = {k: v.float() for k, v in states["module"].items() if v.numel()}  # ZeRO-3 leaves empty placeholders
     if any(ckpt.glob("*optim_states.pt")) and any(ckpt.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        # loads with weights_only=False: the files passed vet_checkpoint above
         trained = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        return {**{k: v for k, v in module.items() if k not in trained}, **trained}
+        module = {**{k: v for k, v in module.items() if k not in trained}, **trained}
+    bad = [k for k, v in module.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{ckpt} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]}): the run "
+                              f"diverged before this checkpoint; use an earlier one")
     return module
 
 
@@ -46,7 +56,28 @@ def checkpoint_weights(ckpt: Path, ema: bool = False) -> dict[str, torch.Tensor]
 
 
 def checkpoint_config(ckpt: Path) -> dict:
-    return yaml.safe_load((ckpt / "config.yaml").read_text())
+    """The resolved run config saved in the checkpoint (a mapping with at least model.name), else CheckpointError."""
+    try:
+        cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{ckpt / 'config.yaml'}: not readable as the run's config ({type(e).__name__})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict) or "name" not in cfg["model"]:
+        raise CheckpointError(f"{ckpt / 'config.yaml'} is not a run config (no model.name)")
+    return cfg
+
+
+@contextmanager
+def weights_fit(ckpt: Path, cfg: dict):
+    """Turns a state dict that does not fit the model its config names (another task's checkpoint, an edited
+    config) into one CheckpointError line instead of torch's key-by-key report."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError) as e:
+        if isinstance(e, (CheckpointError, ExportTargetError)):
+            raise
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"{ckpt}: its weights do not fit the model its config names (task "
+                              f"{cfg.get('task', 'clip')}, model.name {cfg['model']['name']}): {detail}") from None
 
 
 def load_model_from_checkpoint(ckpt: Path, ema: bool = False):
@@ -55,10 +86,13 @@ def load_model_from_checkpoint(ckpt: Path, ema: bool = False):
     from pipeline.models.clip import create_clip, load_state_dict_reshaped
 
     cfg = checkpoint_config(ckpt)
+    if cfg.get("task", "clip") != "clip":
+        raise CheckpointError(f"{ckpt} is a checkpoint of a {cfg['task']} run, not of a CLIP / SigLIP model")
     model, train_tf, eval_tf, tokenizer = create_clip(cfg["model"]["name"], loss_name=cfg["loss"]["name"])
     state = checkpoint_weights(ckpt, ema)
     clamp_logit_scale(state, cfg["loss"]["logit_scale_max"])
-    load_state_dict_reshaped(model, state)
+    with weights_fit(ckpt, cfg):
+        load_state_dict_reshaped(model, state)
     return model, train_tf, eval_tf, tokenizer, cfg
 
 
@@ -90,21 +124,16 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, ema: bool = Fa
     pp = model.visual.preprocess_cfg
     preprocess_cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in pp.items()}
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "open_clip_model.safetensors"))
-    (tmp / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
-        "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1]),
-                     "weights": "ema" if ema else "raw",
-                     **({"open_clip_kwargs": kw} if (kw := open_clip_load_kwargs(model)) else {})},
-    }, indent=2))
-    export_clip_image_trunk(model, tmp / "timm_image_trunk")  # SwinV2 trunks only; None (nothing) otherwise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with export_directory(out, "open_clip") as tmp:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "open_clip_model.safetensors"))
+        (tmp / "open_clip_config.json").write_text(json.dumps({
+            "model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg,
+            "pipeline": {"source_checkpoint": str(ckpt), "model_name": name, "step": int(ckpt.name.split("_")[1]),
+                         "weights": "ema" if ema else "raw",
+                         **({"open_clip_kwargs": kw} if (kw := open_clip_load_kwargs(model)) else {})},
+        }, indent=2))
+        export_clip_image_trunk(model, tmp / "timm_image_trunk")  # SwinV2 trunks only; None (nothing) otherwise
     return out
 
 
@@ -118,7 +147,8 @@ def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema
 
     ckpt = resolve_checkpoint(checkpoint)
     task = ImageBindTask(load_config(ckpt / "config.yaml"))
-    load_state_dict_reshaped(task.model, checkpoint_weights(ckpt, ema))
+    with weights_fit(ckpt, checkpoint_config(ckpt)):
+        load_state_dict_reshaped(task.model, checkpoint_weights(ckpt, ema))
     return export_imagebind(task.model, out_dir)
 
 
@@ -136,7 +166,8 @@ def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema:
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         kwargs["num_classes"] = 0
     arch, arch_kwargs = resolve_backbone(cfg["model"]["name"], **kwargs)
-    return export_timm(state, out_dir, arch, arch_kwargs)
+    with weights_fit(ckpt, cfg):
+        return export_timm(state, out_dir, arch, arch_kwargs)
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:

@@ -13,12 +13,12 @@ too for another head size). Or `timm.create_model(arch, **model_args).load_state
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from pipeline.export_target import export_directory
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -58,8 +58,8 @@ def _classifier_keys(ref, state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def export_timm(model_or_state_dict, out_dir: str | Path, timm_name: str, timm_kwargs: Mapping | None = None,
                 with_head: bool = True, pretrained_cfg: Mapping | None = None) -> Path:
-    """Writes `out_dir` (atomically: built as `<out_dir>.partial`, then renamed) with timm's config.json and
-    model.safetensors for `timm.create_model(timm_name, **timm_kwargs)`.
+    """Writes `out_dir` (built aside and renamed when complete: pipeline/export_target.py) with timm's config.json
+    and model.safetensors for `timm.create_model(timm_name, **timm_kwargs)`.
 
     model_or_state_dict: an nn.Module (its state_dict()) or a state dict, in timm's key layout.
     timm_kwargs:         the keyword arguments that rebuild the architecture (img_size, window_size, ...);
@@ -119,15 +119,10 @@ def export_timm(model_or_state_dict, out_dir: str | Path, timm_name: str, timm_k
     config = _jsonable(config)
 
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}  # no shared storage
-    save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with export_directory(out, "timm") as tmp:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}  # no shared storage
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     return out
 
 

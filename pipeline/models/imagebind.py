@@ -36,8 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from pipeline.export_target import export_directory
 
 MODALITIES = ("audio", "depth", "thermal", "imu")
 ENCODER_FORMAT = "pipeline.imagebind.encoder"
@@ -367,31 +367,18 @@ def build_imagebind(towers: str, encoders: dict[str, EncoderConfig], freeze_towe
     return ImageBindModel(clip_model, mods, freeze_towers, tower_config), train_tf, eval_tf, tokenizer
 
 
-def _atomic_dir(out: Path):
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def export_encoder(encoder: ModalityEncoder, out_dir: str | Path) -> Path:
     """Writes `out_dir/config.json` ({"format", "config": EncoderConfig fields}) and `out_dir/model.safetensors`
-    (the encoder's state dict, fp32). Written under `<out_dir>.partial` and renamed when complete."""
+    (the encoder's state dict, fp32). Built aside and renamed when complete
+    (pipeline/export_target.py)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    tmp = _atomic_dir(out)
-    state = {k: v.detach().float().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    (tmp / "config.json").write_text(json.dumps({"format": ENCODER_FORMAT, "version": 1,
-                                                 "config": dataclasses.asdict(encoder.config)}, indent=2))
-    _replace_dir(tmp, out)
+    with export_directory(out, ENCODER_FORMAT) as tmp:
+        state = {k: v.detach().float().contiguous().cpu() for k, v in encoder.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps({"format": ENCODER_FORMAT, "version": 1,
+                                                     "config": dataclasses.asdict(encoder.config)}, indent=2))
     return out
 
 
@@ -415,30 +402,28 @@ def export_towers(model: ImageBindModel, out_dir: str | Path) -> Path:
     if not model.tower_config:
         raise ValueError("the model has no open_clip tower config (build it with build_imagebind)")
     out = Path(out_dir)
-    tmp = _atomic_dir(out)
     state = {}
     for k, v in model.clip.state_dict().items():
         v = v.detach().float().contiguous().cpu()
         if k in ("logit_scale", "logit_bias") and v.numel() == 1:
             v = v.reshape(())  # undo promote_scalar_params: open_clip's own parameters are 0-d
         state[k] = v
-    save_file(state, str(tmp / "open_clip_model.safetensors"))
-    (tmp / "open_clip_config.json").write_text(json.dumps(model.tower_config, indent=2))
-    _replace_dir(tmp, out)
+    with export_directory(out, "open_clip") as tmp:
+        save_file(state, str(tmp / "open_clip_model.safetensors"))
+        (tmp / "open_clip_config.json").write_text(json.dumps(model.tower_config, indent=2))
     return out
 
 
 def export_imagebind(model: ImageBindModel, out_dir: str | Path) -> Path:
     """out/imagebind.json + out/towers/ (open_clip directory) + out/<modality>/ per encoder."""
     out = Path(out_dir)
-    tmp = _atomic_dir(out)
-    export_towers(model, tmp / "towers")
-    for name, enc in model.encoders.items():
-        export_encoder(enc, tmp / name)
-    (tmp / "imagebind.json").write_text(json.dumps({
-        "format": MODEL_FORMAT, "version": 1, "towers": "towers", "freeze_towers": model.freeze_towers,
-        "modalities": {name: name for name in model.encoders}}, indent=2))
-    _replace_dir(tmp, out)
+    with export_directory(out, MODEL_FORMAT) as tmp:
+        export_towers(model, tmp / "towers")
+        for name, enc in model.encoders.items():
+            export_encoder(enc, tmp / name)
+        (tmp / "imagebind.json").write_text(json.dumps({
+            "format": MODEL_FORMAT, "version": 1, "towers": "towers", "freeze_towers": model.freeze_towers,
+            "modalities": {name: name for name in model.encoders}}, indent=2))
     return out
 
 

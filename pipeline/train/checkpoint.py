@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +53,25 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked (unsafe, foreign, unreadable); the message is one line."""
+
+
 def newest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `latest` names, else the highest complete step under root; None if there is none."""
+    """The checkpoint `latest` names, else the highest complete step under root; None if there is none.
+    `latest` may only name a step directory beside it: a path elsewhere (absolute, `..`) is refused, so a run
+    never silently continues another run's checkpoint."""
     latest = root / "latest"
     if latest.is_file():
-        named = root / latest.read_text().strip()
-        if named.is_dir() and STEP_DIR.match(named.name):
+        try:
+            name = latest.read_bytes()[:256].decode().strip()
+        except UnicodeDecodeError:
+            name = "<not text>"
+        if not STEP_DIR.match(name):
+            raise CheckpointError(f"{latest} names {name!r}, not a checkpoint of this run (a step_XXXXXXXX "
+                                  f"directory beside it); correct or delete that file")
+        named = root / name
+        if named.is_dir():
             return named
     found = complete_checkpoints(root)
     return found[-1] if found else None
@@ -82,6 +97,61 @@ def find_checkpoint(root: Path, resume: str) -> Path | None:
     if resume == "auto":
         return newest_checkpoint(root)
     return resolve_checkpoint(resume)
+
+
+def _deepspeed_state_classes() -> list:
+    """The only classes a checkpoint may rebuild when loaded: the small objects DeepSpeed's ZeRO optimizer
+    state pickles (its loss scaler, the stage enum, parameter fragment addresses). Everything else in our
+    checkpoints is tensors and plain values (numbers, strings, lists, dicts), which a weights-only load accepts."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_state_file(path: str | Path, mmap: bool = False):
+    """`torch.load(weights_only=True)` of a checkpoint file: tensors, plain values and the allow-listed DeepSpeed
+    classes, never code from the file (a pickle that names anything else is refused: CheckpointError).
+    mmap: map tensor storages instead of reading them (zip-format files), to check a file cheaply."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        raise CheckpointError(f"{path}: refused to load: it asks to build objects a checkpoint never holds "
+                              f"({why or 'not tensors or plain values'}); it may run code if unpickled") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint file ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def vet_checkpoint(path: str | Path) -> None:
+    """Every `*.pt` under a checkpoint directory loads with `load_state_file`, or CheckpointError.
+
+    DeepSpeed reads checkpoints with `torch.load(weights_only=False)` (its engine's loader, zero_to_fp32,
+    ds_to_universal): we cannot switch that off, so we call this first on whatever DeepSpeed will read; a file
+    that passes holds only tensors, plain values and the allow-listed classes, so DeepSpeed's full unpickling
+    of it runs no foreign code. Collective when a process group is up: each rank checks its share of the files
+    (storages memory-mapped, not read) and all ranks raise the first failure found."""
+    files = sorted(Path(path).rglob("*.pt"))
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    error = ""
+    for f in files[rank::world]:
+        try:
+            load_state_file(f, mmap=True)
+        except CheckpointError as e:
+            error = str(e)
+            break
+    if distributed:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), "")
+    if error:
+        raise CheckpointError(error)
 
 
 def remove_partials(root: Path) -> None:
@@ -144,7 +214,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_ya
         os.replace(partial, final)
         _write_atomic(root / "latest", final.name)
         for old in complete_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:  # higher steps of an older run (a resume from an earlier step) never push it out
+                shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
@@ -182,7 +253,7 @@ def checkpoint_world_size(path: str | Path) -> int:
     partitions = _zero_partition_files(p)
     if partitions:
         return len(partitions)
-    states = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = load_state_file(p / "mp_rank_00_model_states.pt", mmap=True)
     return int(states.get("dp_world_size", 1))
 
 
@@ -228,7 +299,8 @@ def universal_checkpoint(path: str | Path) -> Path:
 
 
 def convert_to_universal(path: Path, out: Path, workers: int | None = None) -> None:
-    """DeepSpeed checkpoint directory -> universal checkpoint directory (DeepSpeed's ds_to_universal)."""
+    """DeepSpeed checkpoint directory -> universal checkpoint directory (DeepSpeed's ds_to_universal, which
+    unpickles with weights_only=False: its only caller, load_checkpoint, has run vet_checkpoint on `path`)."""
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
            "--output_folder", str(out), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers),
@@ -248,6 +320,7 @@ def load_checkpoint(engine, path: Path) -> dict:
     keep their RNG state."""
     path = Path(path)
     rank, world = dist.get_rank(), dist.get_world_size()
+    vet_checkpoint(path)  # before DeepSpeed (and its universal converter) unpickles anything in it
     saved_world = checkpoint_world_size(path)
     if saved_world != world and _zero_partition_files(path):
         load_dir, tag, universal = path, universal_checkpoint(path).name, True
@@ -260,6 +333,7 @@ def load_checkpoint(engine, path: Path) -> dict:
     else:
         load_dir, tag, universal = path.parent, path.name, False
 
+    # DeepSpeed's loader unpickles with weights_only=False: safe here only because vet_checkpoint passed above
     config = engine._config  # DeepSpeed has no public switch; its loader reads this flag at load time
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = universal
@@ -272,5 +346,5 @@ def load_checkpoint(engine, path: Path) -> dict:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     rank_file = path / f"rank_{rank:05d}.pt"
     if rank_file.is_file():
-        set_rng_state(torch.load(rank_file, weights_only=False)["rng"])
+        set_rng_state(load_state_file(rank_file)["rng"])
     return client_state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -21,12 +22,13 @@ from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict, to_y
 from pipeline.data.loader import (DataError, FetchSpec, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
                                   epoch_length, expand_sources, make_train_loader, parse_weights)
 from pipeline.tasks import build_task, check_task, step_losses
-from pipeline.train.checkpoint import (checkpoint_meta, find_checkpoint, load_checkpoint, remove_partials,
-                                       save_checkpoint)
+from pipeline.train.checkpoint import (checkpoint_meta, complete_checkpoints, find_checkpoint, load_checkpoint,
+                                       remove_partials, save_checkpoint, vet_checkpoint)
 from pipeline.train.distributed import DistEnv, host_group, init_process_group
 from pipeline.train.ema import WeightEMA, read_ema
 from pipeline.train.engine import build_engine
 from pipeline.train.metrics import MetricsLog
+from pipeline.train.nonfinite import NonFiniteGuard, check_weights_finite
 from pipeline.train.profiling import StepProfiler
 from pipeline.train.preemption import PREEMPTION_EXIT_CODE, PreemptionFlag
 
@@ -41,8 +43,13 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTION_EXIT_CODE)
 
 
-def validate_run(cfg: RunConfig, world_size: int) -> None:
-    """Everything that can be checked before a process group starts; raises ConfigError / DataError."""
+RUN_OUTPUTS = ("metrics.jsonl", "metrics.png", "tensorboard", "sample_keys", "eval.json", PREEMPTED_MARKER)
+
+
+def validate_run(cfg: RunConfig, world_size: int, check_resume_files: bool = False) -> None:
+    """Everything that can be checked before a process group starts; raises ConfigError / DataError /
+    CheckpointError. check_resume_files: also check the files of the checkpoint to resume (see vet_checkpoint;
+    the ranks do it anyway before loading)."""
     resolve_batch(cfg, world_size)
     parse_weights(cfg.data.train_weights, len(expand_sources(cfg.data.train, "data.train")))
     check_task(cfg)
@@ -51,12 +58,51 @@ def validate_run(cfg: RunConfig, world_size: int) -> None:
                           "partitions the weights)")
     if cfg.train.precision in ("bf16", "fp16") and not torch.cuda.is_available():
         raise ConfigError(f"train.precision={cfg.train.precision} needs a GPU; use fp32 (or auto) on the CPU")
-    resume = cfg.train.resume
-    if resume not in ("none", "auto"):
-        try:
-            find_checkpoint(Path(cfg.train.out_dir) / "checkpoints", resume)
-        except FileNotFoundError as e:
-            raise ConfigError(f"train.resume: {e}") from None
+    out_dir = Path(cfg.train.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir} exists and is not a directory")
+    try:
+        resume_from = find_checkpoint(out_dir / "checkpoints", cfg.train.resume)
+    except FileNotFoundError as e:
+        raise ConfigError(f"train.resume: {e}") from None
+    found = other_run_outputs(cfg, resume_from)
+    if found and not cfg.train.overwrite:
+        raise ConfigError(f"train.out_dir={out_dir} holds another run's {' and '.join(found)}; set train.resume=auto "
+                          f"to continue it, train.overwrite=true to replace it, or choose another out_dir")
+    if check_resume_files and resume_from is not None:
+        vet_checkpoint(resume_from)
+
+
+def other_run_outputs(cfg: RunConfig, resume_from: Path | None) -> list[str]:
+    """What a fresh run would overwrite in out_dir: checkpoints and metrics of a run it does not continue.
+    `train.resume=auto` continues whatever is there; resuming a checkpoint of this out_dir continues its run."""
+    out_dir = Path(cfg.train.out_dir)
+    root = out_dir / "checkpoints"
+    if cfg.train.resume == "auto" or (resume_from is not None and resume_from.resolve().parent == root.resolve()):
+        return []
+    found = []
+    ckpts = complete_checkpoints(root)
+    if ckpts:
+        found.append(f"{len(ckpts)} checkpoint{'s' if len(ckpts) > 1 else ''} (newest {ckpts[-1].name})")
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        found.append("metrics.jsonl")
+    return found
+
+
+def clear_run_outputs(out_dir: Path) -> None:
+    """train.overwrite: removes what a previous run wrote to out_dir (its checkpoints, metrics, logs), nothing
+    else (data or exports kept there stay)."""
+    root = out_dir / "checkpoints"
+    for p in complete_checkpoints(root):
+        shutil.rmtree(p)
+    (root / "latest").unlink(missing_ok=True)
+    for name in RUN_OUTPUTS:
+        p = out_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, datasheet
@@ -127,6 +173,9 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     config_yaml = to_yaml(cfg)  # the resolved config, saved with every checkpoint
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if t.overwrite and other_run_outputs(cfg, find_checkpoint(ckpt_root, t.resume)):
+            print(f"train.overwrite: removing the previous run's checkpoints and metrics in {out_dir}", flush=True)
+            clear_run_outputs(out_dir)
         remove_partials(ckpt_root)
         (out_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
         (out_dir / "config.yaml").write_text(config_yaml)
@@ -204,6 +253,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             yield batch
 
     loss_sum = torch.zeros((), device=device)
+    nonfinite = NonFiniteGuard(t.max_nonfinite_steps, device)
     preemption = PreemptionFlag()  # SIGTERM / SIGUSR1: finish the step, checkpoint, exit 75 (requeue)
     # Between log steps nothing reads a device value: the host only queues work, and the GPU never idles
     # waiting for it (tests/train/test_sync_free.py runs steps under torch.cuda.set_sync_debug_mode("error")).
@@ -214,19 +264,25 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             if sync_debug != "off" and step > start_step:  # the first step initialises (optimizer state, cuDNN)
                 torch.cuda.set_sync_debug_mode(sync_debug)
             step_keys = []
+            step_loss = torch.zeros((), device=device)
             micro_steps = 0
             for loss, stats in step_losses(task, engine, step_batches(step_keys), device):
                 engine.backward(loss)
                 if plain is not None and engine.is_gradient_accumulation_boundary():
                     plain.before_step()  # clipping and the non-finite guard, on the device
                 engine.step()
-                loss_sum += loss.detach() / t.grad_accum
+                step_loss += loss.detach() / t.grad_accum
                 micro_steps += 1
             if micro_steps != t.grad_accum:  # DeepSpeed steps on every grad_accum-th backward
                 raise RuntimeError(f"the task gave {micro_steps} losses for train.grad_accum={t.grad_accum}")
+            loss_sum += step_loss
             if ema is not None:
                 ema.update()
             step += 1
+            # fp16's loss scaler overflows on purpose (it skips those steps and lowers the scale): its grad norm is
+            # no sign of divergence, the loss is
+            nonfinite.update(step, step_loss, plain.grad_norm if plain is not None else
+                             None if engine.fp16_enabled() else engine.get_global_grad_norm())
             window_steps += 1
             samples_seen += t.global_batch_size
             if keys_log:
@@ -265,13 +321,19 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                     record["mfu"] = record["tflops_per_s"] / env.world_size / peak_tflops
                 if use_cuda:  # this rank's high-water mark of allocated memory since the first step
                     record["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                record["nonfinite_steps"] = nonfinite.read()
                 if metrics:
                     metrics.log(record)
+                nonfinite.raise_if_tripped(step)  # after the record: the metrics show the non-finite loss
                 loss_sum.zero_()
                 window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
             if metrics:
                 metrics.advance()
             if ckpt_now:
+                if not log_now:
+                    nonfinite.read()
+                    nonfinite.raise_if_tripped(step)
+                check_weights_finite(engine.module, step)
                 save_checkpoint(engine, ckpt_root, step, client_state(step), config_yaml, t.keep_last,
                                 ema.save if ema is not None else None)
                 window_start = time.perf_counter()  # checkpoint time is not training throughput

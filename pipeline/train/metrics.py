@@ -24,8 +24,12 @@ def _truncate_after(path: Path, step: int) -> None:
     """A resumed run rewrites what came after its checkpoint."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    print(f"{path}: {len(lines) - len(kept)} records after step {step} dropped (the run continues from "
+          f"step {step} and writes them again)", flush=True)
     path.write_text("".join(line + "\n" for line in kept))
 
 

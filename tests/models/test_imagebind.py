@@ -118,7 +118,7 @@ def test_encoder_export_load_round_trip(tmp_path):
         enc.log_logit_scale.fill_(2.5)
     x = example_input(enc.config)
     export_encoder(enc, tmp_path / "imu")
-    assert sorted(p.name for p in (tmp_path / "imu").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "imu").iterdir()) == [".pipeline-export", "config.json", "model.safetensors"]
     loaded = load_encoder(tmp_path / "imu")
     assert loaded.config == enc.config and isinstance(loaded.log_logit_scale, torch.nn.Parameter)
     assert torch.equal(loaded(x), enc(x)) and torch.equal(loaded.logit_scale(), enc.logit_scale())
@@ -130,7 +130,7 @@ def test_model_export_load_round_trip(built, tmp_path):
     model, _, _, tokenizer = built
     model.eval()
     out = export_imagebind(model, tmp_path / "ib")
-    assert {p.name for p in out.iterdir()} == {"imagebind.json", "towers", *MODALITIES}
+    assert {p.name for p in out.iterdir()} == {".pipeline-export", "imagebind.json", "towers", *MODALITIES}
     loaded, _, _, _ = load_imagebind(out)
     images, tokens = torch.randn(2, 3, 48, 48), tokenizer(["a red circle", "a blue star"])
     assert torch.equal(loaded.encode_image(images), model.encode_image(images))
