@@ -18,9 +18,11 @@ watchdog ends a rank whose collective timed out (TORCH_NCCL_ASYNC_ERROR_HANDLING
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping
@@ -185,6 +187,7 @@ def init_process_group(env: DistEnv, backend: str) -> None:
             os.environ["MASTER_PORT"] = str(free_port())
     timeout = collective_timeout()
     _default_group_timeout(timeout)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
     if backend == "nccl":
         # the watchdog aborts the process once a collective exceeds the timeout (torch's default since 2.2; older
         # versions and a stray NCCL_ASYNC_ERROR_HANDLING=0 would leave the rank blocked instead)
@@ -218,6 +221,17 @@ def host_group():
     on them never waits for the GPU's queue (an NCCL exchange of a size, read back with .item(), would stall
     the host until the GPU reached it, every step). None means the default group, when that is gloo already."""
     return _HOST_GROUP
+
+
+def extensions_dir(prefix: str | None = None) -> str:
+    """Where torch builds the C++ ops DeepSpeed compiles at start-up (its CPU shared-memory all-reduce), unless
+    TORCH_EXTENSIONS_DIR says otherwise: one directory per Python environment. torch's default is one directory per
+    user, shared by every environment; the op's sources differ between two installs of DeepSpeed, so two
+    environments used at once rebuilt it in turn, and each rank waited on the other's build behind one lock
+    (minutes on a loaded machine: runs and tests stalled at start-up)."""
+    prefix = sys.prefix if prefix is None else prefix
+    tag = hashlib.sha256(os.path.realpath(prefix).encode()).hexdigest()[:12]
+    return os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions", f"env-{tag}")
 
 
 def _default_group_timeout(timeout: timedelta) -> None:

@@ -2,6 +2,7 @@
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -143,6 +144,41 @@ def test_every_process_group_gets_the_collective_timeout():
     timeouts = dict(line.split() for line in proc.stdout.splitlines() if line.split()[0] in
                     ("world", "deepspeed", "new_group"))
     assert timeouts == {"world": "7.0", "deepspeed": "7.0", "new_group": "7.0"}, proc.stdout
+
+
+EXTENSIONS = """
+import os
+from pipeline.train.distributed import init_process_group, read_dist_env
+init_process_group(read_dist_env(), "gloo")
+print("extensions", os.environ["TORCH_EXTENSIONS_DIR"])
+"""
+
+
+def test_deepspeed_ops_build_in_a_directory_of_this_environment():
+    """DeepSpeed compiles its CPU shared-memory op when it starts; in torch's per-user default directory two
+    Python environments used at once rebuilt it in turn behind one lock (test runs stalled for minutes)."""
+    import subprocess
+
+    from conftest import REPO
+    from pipeline.train.distributed import extensions_dir, free_port
+
+    assert extensions_dir("/venv/a") != extensions_dir("/venv/b")
+    assert extensions_dir("/venv/a") == extensions_dir("/venv/a")
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "TORCH_EXTENSIONS_DIR"))}
+    base.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+
+    def extensions(env):
+        proc = subprocess.run([sys.executable, "-c", EXTENSIONS], cwd=REPO, env={**env, "MASTER_PORT": str(free_port())},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("extensions"))
+
+    assert extensions(base) == extensions_dir(sys.prefix)
+    import deepspeed.ops
+
+    if deepspeed.ops.__compatible_ops__.get("deepspeed_shm_comm"):  # DeepSpeed builds it where the CPU allows
+        assert any(Path(extensions_dir(sys.prefix)).glob("deepspeed_shm_comm*/*.so"))
 
 
 def test_nccl_ranks_abort_on_a_timed_out_collective(monkeypatch):
