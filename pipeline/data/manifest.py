@@ -44,8 +44,7 @@ def write_manifest(directory: str | Path, entries: dict[str, ShardEntry], path: 
     """Writes the manifest of `entries` (tar file name -> entry) atomically; returns its path."""
     path = manifest_path(directory) if path is None else path
     names = sorted(entries)
-    doc = {"format": FORMAT, "version": VERSION, "directory": str(Path(directory).resolve()),
-           "shards": names, "samples": [entries[n].samples for n in names],
+    doc = {"format": FORMAT, "version": VERSION, "shards": names, "samples": [entries[n].samples for n in names],
            "bytes": [entries[n].bytes for n in names],
            "indexes": [index_path(Path(directory) / n).name for n in names]}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
