@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.remote import PipeSource, is_pipe, resolve_sources
+from pipeline.data.remote import PipeSource, ShardCache, is_pipe, resolve_indexes, resolve_sources
 from pipeline.data.epoch_plan import EpochPlan, epoch_length, epoch_order  # noqa: F401 (public names)
 from pipeline.data.manifest import MANIFEST_NAME, shard_entries
 from pipeline.data.shard_index import ShardMembers
@@ -53,6 +53,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
 DEFAULT_CACHE_SHARDS = 4  # member tables held by a reader that goes through shards in order (evaluation)
 MAX_CACHE_SHARDS = 1024  # a shuffle block over tiny shards: the tables are tiny too
+PREFETCH_BATCHES = 4  # how far ahead (in this worker's batches) streamed shards are looked for
 MAX_OPEN_SHARDS = 64  # descriptors per process, well under the usual 1024 limit with 8+ workers per rank
 
 
@@ -64,12 +65,16 @@ class FetchSpec:
     timeout_s: float
     stall_timeout_s: float
     prefetch: int = 4
+    max_bytes: int = 0  # bound on the cached tars of a training stream; 0: none
 
     @classmethod
     def for_data(cls, d) -> FetchSpec:
         """From a DataConfig: data.cache_dir, else $PIPELINE_SHARD_CACHE, else ~/.cache/pipeline/shards."""
         cache = d.cache_dir or os.environ.get("PIPELINE_SHARD_CACHE") or str(Path.home() / ".cache/pipeline/shards")
-        return cls(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch)
+        return cls(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch, int(d.cache_max_gb * 1e9))
+
+    def cache(self) -> ShardCache:
+        return ShardCache(self.cache_dir, self.max_bytes, self.timeout_s, self.stall_timeout_s, self.prefetch)
 
 
 def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None) -> list[list[str]]:
@@ -131,7 +136,18 @@ class ShardSet:
     """The shards of a dataset, their sample counts (from the directory's manifest, built once where missing)
     and sources; reads samples through a small LRU of member tables and open descriptors."""
 
-    def __init__(self, paths: list[str], source_of_shard: list[int] | None = None):
+    def __init__(self, paths: list[str], source_of_shard: list[int] | None = None, fetch: FetchSpec | None = None):
+        self.remote: dict[int, str] = {i: p for i, p in enumerate(paths) if is_pipe(p)}  # shard -> pipe: URL
+        self.cache = None
+        if self.remote:  # streamed: only the indexes are fetched now, each tar when it is read
+            if fetch is None:
+                raise DataError("pipe: shards need a cache to stream into (FetchSpec)")
+            self.cache = fetch.cache()
+            local = resolve_indexes(list(self.remote.values()), fetch.cache_dir, fetch.timeout_s,
+                                    fetch.stall_timeout_s, fetch.prefetch)
+            paths = list(paths)
+            for i, path in zip(self.remote, local):
+                paths[i] = path
         self.paths = paths
         entries = shard_entries(paths)
         self.counts = np.array([e.samples for e in entries], dtype=np.int64)
@@ -144,8 +160,8 @@ class ShardSet:
         self._fds: OrderedDict[int, int] = OrderedDict()
 
     @classmethod
-    def from_sources(cls, sources: list[list[str]]) -> "ShardSet":
-        return cls([p for s in sources for p in s], [i for i, s in enumerate(sources) for _ in s])
+    def from_sources(cls, sources: list[list[str]], fetch: FetchSpec | None = None) -> "ShardSet":
+        return cls([p for s in sources for p in s], [i for i, s in enumerate(sources) for _ in s], fetch)
 
     def size_cache_for(self, shuffle_block: int) -> None:
         """Holds as many shards open as one shuffle block can span, twice (a batch may straddle two blocks):
@@ -192,10 +208,30 @@ class ShardSet:
         return fd
 
     def read(self, sample_id: int) -> tuple[str, dict[str, bytes]]:
-        """Returns (key, {ext: bytes}) of one sample."""
+        """Returns (key, {ext: bytes}) of one sample; a `pipe:` shard's tar is fetched first if not cached."""
         shard, row = self.locate(sample_id)
-        members = self._members_of(shard)
-        return members.keys[row], members.read(row, self._fd_of(shard))
+        for attempt in range(3):
+            if shard in self.remote and shard not in self._fds:
+                self.cache.ensure(self.remote[shard])
+            try:
+                members = self._members_of(shard)
+                return members.keys[row], members.read(row, self._fd_of(shard))
+            except FileNotFoundError:  # another process evicted it between the fetch and the open
+                if shard not in self.remote or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def prefetch(self, sample_ids: np.ndarray, upcoming: np.ndarray) -> None:
+        """Streams: keeps the shards of `sample_ids` (being read) and of `upcoming` (in the order they will be
+        read) from eviction and fetches the first of `upcoming` ahead of use."""
+        if self.cache is None:
+            return
+        now = np.searchsorted(self.starts, sample_ids, side="right") - 1
+        ahead = np.searchsorted(self.starts, upcoming, side="right") - 1
+        ahead = [int(s) for s in dict.fromkeys(ahead.tolist()) if int(s) in self.remote]
+        keep = {self.paths[int(s)] for s in now} | {self.paths[s] for s in ahead}
+        self.cache.use(keep)
+        self.cache.prefetch([self.remote[s] for s in ahead])
 
     def close(self) -> None:
         while self._fds:
@@ -347,6 +383,7 @@ class ShardBatches(IterableDataset):
             raise DataError(f"the training data has {self.epoch_len} samples per epoch, fewer than one global "
                             f"batch ({spec.world_size} ranks x {spec.batch_size})")
         shards.size_cache_for(spec.shuffle_block)
+        self._stride = 1  # batches k, k + stride, ... are built by this process (one loader worker's share)
         self._plan: EpochPlan | None = None
 
     def epoch_plan(self, epoch: int) -> EpochPlan:
@@ -363,6 +400,9 @@ class ShardBatches(IterableDataset):
 
     def make_batch(self, k: int) -> dict:
         pos, ids = self.batch_ids(k)
+        if self.shards.cache is not None:  # streamed shards: this worker's next batches are fetched meanwhile
+            ahead = [self.batch_ids(k + j * self._stride)[1] for j in range(1, PREFETCH_BATCHES + 1)]
+            self.shards.prefetch(ids, np.concatenate(ahead))
         samples, keys, bad = [], [], Counter()
         for sid in ids.tolist():
             try:
@@ -388,6 +428,7 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self._stride = workers
         k = worker
         while True:
             yield self.make_batch(k)
