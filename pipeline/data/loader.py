@@ -22,7 +22,9 @@ shards in proportion to their sizes, so w=0.5 halves and w=2 doubles it). `resam
 proportional to its source's weight (open_clip's `--dataset-resampled`).
 
 `pipe:CMD` shards (object stores: `pipe:aws s3 cp s3://b/train-000001.tar -`) are fetched into a node-local cache
-with a stall timeout, so a stalled pipe fails with one line naming the command instead of hanging the job.
+with a stall timeout, so a stalled pipe fails with one line naming the command instead of hanging the job. A
+training `ShardSet` streams them: only their indexes are fetched up front, each tar when it is first read and
+ahead of use by the worker that will read it, into a cache bounded by `data.cache_max_gb` (`ShardCache`).
 
 Only allow-listed extensions are decoded (`pipeline.data.modalities` adds audio/depth/...); nothing from a
 shard is ever unpickled.

@@ -18,6 +18,13 @@ When that command fails, or gives an index that does not fit the tar, the index 
 
 Several processes (the ranks of a node) may share a cache directory: a lock file per shard makes one of them
 fetch while the others wait for it, then use its copy.
+
+Training streams (`ShardCache`): `resolve_indexes` fetches only the indexes before step 1 (the epoch plan needs
+the sample counts, nothing else); a tar is fetched when a reader needs it or a loader worker prefetches it for
+its next batches. With a byte bound, a fetch first reserves the tar's size (bounded from its index) under a
+lock on the whole cache, deleting the least recently used tars that this process is not about to read, so the
+tars and reservations of all processes on the node stay within the bound. A deleted tar that some reader still
+has open stays readable to it; one needed again is fetched again.
 """
 from __future__ import annotations
 
