@@ -15,9 +15,11 @@ order it describes:
 Every keyed permutation is a Feistel network over the smallest even power of two covering its domain, made a
 permutation of [0, n) by cycle walking (re-encrypting until the value falls inside), so it needs no table and
 is a bijection by construction: every sample is placed exactly once (as many times as its weight says).
-`resampled` plans draw every position independently (a keyed hash of the position): the source with probability
-proportional to weight x size, then a uniform sample of it, i.e. with replacement like open_clip's
-`--dataset-resampled`.
+`resampled` plans draw with replacement, like open_clip's `--dataset-resampled` (which draws shards with
+replacement and streams each): every run of `shuffle_block / 8` positions draws a shard with probability
+proportional to weight x size and each of its positions a uniform sample of that shard (keyed hashes), so every
+position holds a given sample with probability proportional to its source's weight; the blocks are then
+permuted as above, so a block mixes 8 shard draws and a reader holds a few shards at a time.
 
 This module needs only numpy, so a process can plan an epoch without importing torch.
 """
@@ -29,6 +31,7 @@ _M64 = (1 << 64) - 1
 _ROUNDS = 4
 # Purposes of the keys derived from (seed, epoch): each permutation draws from its own stream.
 _SHARDS, _BLOCKS, _EXTRAS, _RESAMPLE = 1, 2, 3, 4
+RESAMPLED_SHARDS_PER_BLOCK = 8  # shard draws a shuffle block mixes in resampled mode
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -147,27 +150,24 @@ class EpochPlan:
 
     # -------------------------------------------------------------------------------------- with replacement
     def _plan_resampled(self, counts: np.ndarray, sources: np.ndarray, w: np.ndarray) -> None:
-        sizes = _source_sizes(counts, sources)
-        mass = w[: len(sizes)] * sizes
-        self.source_cdf = np.cumsum(mass) / mass.sum()
-        self.source_sizes = sizes
-        self.by_source = np.argsort(sources, kind="stable")  # shards grouped by source, in their own order
-        self.by_source_end = np.cumsum(counts[self.by_source])
-        self.source_offset = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        mass = w[sources] * counts  # a shard is drawn in proportion to weight x size: each sample, to its weight
+        self.shard_cdf = np.cumsum(mass) / mass.sum()
+        self.chunk = max(1, self.block // RESAMPLED_SHARDS_PER_BLOCK)
         self._draw_key = _key(self.seed, self.epoch, _RESAMPLE)
+        self._block_key = _key(self.seed, self.epoch, _BLOCKS)
 
     def _ids_resampled(self, p: np.ndarray) -> np.ndarray:
-        h1 = _mix(p.astype(np.uint64) ^ self._draw_key)
-        h2 = _mix(h1 ^ np.uint64(0xD1B54A32D192ED03))
-        u = (h1 >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-        s = np.minimum(np.searchsorted(self.source_cdf, u, side="right"), len(self.source_cdf) - 1)
-        while np.any(self.source_sizes[s] == 0):  # float round-off at a cdf step onto an empty source
-            s = np.where(self.source_sizes[s] == 0, s - 1, s)
-        local = (h2 % self.source_sizes[s].astype(np.uint64)).astype(np.int64)
-        g = self.source_offset[s] + local
-        slot = np.searchsorted(self.by_source_end, g, side="right")
-        shard = self.by_source[slot]
-        return self.starts[shard] + g - (self.by_source_end[slot] - self.counts[shard])
+        b = p // self.block
+        i = p - b * self.block
+        size = np.minimum(self.block, self.length - b * self.block)
+        q = b * self.block + permute(i, size, _mix(b.astype(np.uint64) ^ self._block_key))
+        chunk = (q // self.chunk).astype(np.uint64)
+        u = (_mix(chunk ^ self._draw_key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        shard = np.minimum(np.searchsorted(self.shard_cdf, u, side="right"), len(self.counts) - 1)
+        while np.any(self.counts[shard] == 0):  # float round-off at a cdf step onto an empty shard
+            shard = np.where(self.counts[shard] == 0, shard - 1, shard)
+        draw = _mix(_mix(q.astype(np.uint64) ^ self._draw_key) ^ np.uint64(0xD1B54A32D192ED03))
+        return self.starts[shard] + (draw % self.counts[shard].astype(np.uint64)).astype(np.int64)
 
     # -------------------------------------------------------------------------------------- lookups
     def ids(self, positions) -> np.ndarray:

@@ -47,7 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
 from pipeline.data.remote import PipeSource, ShardCache, is_pipe, resolve_indexes, resolve_sources
-from pipeline.data.epoch_plan import EpochPlan, epoch_length, epoch_order  # noqa: F401 (public names)
+from pipeline.data.epoch_plan import (RESAMPLED_SHARDS_PER_BLOCK, EpochPlan, epoch_length,  # noqa: F401
+                                     epoch_order)
 from pipeline.data.manifest import MANIFEST_NAME, shard_entries
 from pipeline.data.shard_index import ShardMembers
 
@@ -165,13 +166,20 @@ class ShardSet:
     def from_sources(cls, sources: list[list[str]], fetch: FetchSpec | None = None) -> "ShardSet":
         return cls([p for s in sources for p in s], [i for i, s in enumerate(sources) for _ in s], fetch)
 
-    def size_cache_for(self, shuffle_block: int) -> None:
+    def size_cache_for(self, shuffle_block: int, weights: tuple[float, ...] | None = None,
+                       resampled: bool = False) -> None:
         """Holds as many shards open as one shuffle block can span, twice (a batch may straddle two blocks):
-        the block's samples come from consecutive shards of the epoch's order, so the LRU never thrashes
-        within a block and a worker's memory stays that of a few shards however many it reads in an epoch."""
-        nonzero = self.counts[self.counts > 0]
-        smallest = int(nonzero.min()) if nonzero.size else 1
-        footprint = -(-max(1, shuffle_block) // smallest) + 1
+        the block's samples come from consecutive shards of the epoch's order (resampled: from a fixed number
+        of shard draws), so the LRU never thrashes within a block and a worker's memory stays that of a few
+        shards however many it reads in an epoch."""
+        if resampled:
+            footprint = min(max(1, shuffle_block), RESAMPLED_SHARDS_PER_BLOCK) + 1
+        else:  # the fewest samples a shard contributes: a weight below 1 takes that fraction of each shard
+            w = np.ones(int(self.sources.max()) + 1) if weights is None else np.asarray(weights, np.float64)
+            share = np.floor(self.counts * np.where(w[self.sources] >= 1, 1.0, w[self.sources]))
+            share = share[(self.counts > 0) & (w[self.sources] > 0)]
+            smallest = max(1, int(share.min())) if share.size else 1
+            footprint = -(-max(1, shuffle_block) // smallest) + 1
         self.cache_shards = int(min(max(DEFAULT_CACHE_SHARDS, 2 * footprint), MAX_CACHE_SHARDS))
 
     def locate(self, sample_id: int) -> tuple[int, int]:
@@ -384,7 +392,7 @@ class ShardBatches(IterableDataset):
         if self.batches_per_epoch == 0:
             raise DataError(f"the training data has {self.epoch_len} samples per epoch, fewer than one global "
                             f"batch ({spec.world_size} ranks x {spec.batch_size})")
-        shards.size_cache_for(spec.shuffle_block)
+        shards.size_cache_for(spec.shuffle_block, spec.weights, spec.resampled)
         self._stride = 1  # batches k, k + stride, ... are built by this process (one loader worker's share)
         self._plan: EpochPlan | None = None
 

@@ -72,8 +72,12 @@ def test_resampled_draws_with_replacement_in_proportion_to_weight_x_size():
     order = epoch_order(counts, 0, 0, 64, sources, (3.0, 1.0), resampled=True)
     assert len(order) == epoch_length(counts, sources, (3.0, 1.0))
     assert order.min() >= 0 and order.max() < counts.sum() and len(set(order.tolist())) < len(order)
-    draws = np.concatenate([epoch_order(counts, 0, e, 64, sources, (3.0, 1.0), resampled=True) for e in range(4)])
-    assert abs(np.mean(draws < 500) - 3 * 500 / (3 * 500 + 500)) < 0.02
+    plan = EpochPlan(counts, 0, 0, 64, sources, (3.0, 1.0), resampled=True)
+    for b in range(0, plan.length, 64):  # a block mixes 8 shard draws: a reader holds a few shards at a time
+        block = order[b:b + 64]
+        assert len(np.unique(np.searchsorted(plan.starts, block, side="right"))) <= 8
+    draws = np.concatenate([epoch_order(counts, 0, e, 64, sources, (3.0, 1.0), resampled=True) for e in range(20)])
+    assert abs(np.mean(draws < 500) - 3 * 500 / (3 * 500 + 500)) < 0.03
     hist = np.bincount(draws[draws < 500], minlength=500)  # uniform within the source
     assert hist.min() > 0 and hist.max() < 4 * hist.mean()
     only_a = epoch_order(counts, 0, 0, 64, sources, (1.0, 0.0), resampled=True)

@@ -129,6 +129,11 @@ def test_a_reader_holds_only_the_shards_of_one_shuffle_block_and_reads_every_sam
     assert len(keys) == len(set(keys)) == ds.batches_per_epoch * 8 and sum(sizes) - len(keys) < 8
     assert max(m for m, _ in held) <= shards.cache_shards and max(f for _, f in held) <= shards.cache_shards
     assert max(m for m, _ in held) < len(sizes)  # the LRU did evict
+    shards.size_cache_for(16, resampled=True)
+    assert shards.cache_shards == 2 * (8 + 1)  # resampled: a block holds 8 shard draws
+    two = ShardSet.from_sources([paths[:10], paths[10:]])
+    two.size_cache_for(16, weights=(1.0, 0.25))
+    assert two.cache_shards == 2 * (-(-16 // 2) + 1)  # weight 0.25 takes floor(11 / 4) = 2 of the smallest shard
     open_before = len(os.listdir("/proc/self/fd"))
     shards.close()
     assert len(os.listdir("/proc/self/fd")) == open_before - held[-1][1]
