@@ -18,8 +18,9 @@ resumed batches are bit-identical.
 
 Several sources (`a/{0..99}.tar::b/{0..9}.tar`) can be mixed with per-source weights: a weight w makes a
 source contribute round(w x its size) samples per epoch (whole copies plus a seeded subset spread over its
-shards in proportion to their sizes, so w=0.5 halves and w=2 doubles it). `resampled` mode draws every epoch with replacement instead, with per-sample probability
-proportional to its source's weight (open_clip's `--dataset-resampled`).
+shards in proportion to their sizes, so w=0.5 halves and w=2 doubles it). `resampled` mode draws every epoch
+with replacement instead, with per-sample probability proportional to its source's weight (open_clip's
+`--dataset-resampled`).
 
 `pipe:CMD` shards (object stores: `pipe:aws s3 cp s3://b/train-000001.tar -`) are fetched into a node-local cache
 with a stall timeout, so a stalled pipe fails with one line naming the command instead of hanging the job. A

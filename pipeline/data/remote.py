@@ -530,7 +530,8 @@ class ShardCache:
         if need > self.max_bytes:
             raise _data_error(f"{final.name}: up to {need} bytes, more than data.cache_max_gb allows "
                               f"({self.max_bytes} bytes); raise data.cache_max_gb")
-        deadline = time.monotonic() + (self.timeout_s or DEFAULT_TIMEOUT_S)
+        started = time.monotonic()
+        deadline = started + (self.stall_timeout_s or DEFAULT_STALL_TIMEOUT_S)
         while True:
             fd = _lock(self.dir / ".cache.lock", str(self.dir), None, None)
             try:
@@ -551,6 +552,11 @@ class ShardCache:
                             int(m.group(1))):
                         p.unlink(missing_ok=True)  # a fetch of a killed process
                 used = reserved + sum(size for _, size, _ in tars)
+                mine = sum(size for _, size, p in tars if str(p) in self._in_use)
+                if mine + need > self.max_bytes:  # waiting would not help: this reader needs them all at once
+                    raise _data_error(f"data.cache_max_gb={self.max_bytes / 1e9:g} cannot hold the shards one "
+                                      f"loader worker reads at once ({mine + need} bytes); raise it, or lower "
+                                      f"data.shuffle_block or data.pipe_prefetch")
                 for _, size, p in sorted(tars):
                     if used + need <= self.max_bytes:
                         break
@@ -564,6 +570,7 @@ class ShardCache:
             finally:
                 os.close(fd)
             if time.monotonic() >= deadline:
-                raise _data_error(f"the shard cache {self.dir} stayed full (data.cache_max_gb="
-                                  f"{self.max_bytes / 1e9:g}) with shards in use; raise data.cache_max_gb")
+                raise _data_error(f"the shard cache {self.dir} stayed full for {deadline - started:g}s "
+                                  f"(data.cache_max_gb={self.max_bytes / 1e9:g}) with shards other readers use; "
+                                  f"raise data.cache_max_gb")
             time.sleep(0.05)  # the shards in use, or other processes' reservations, will free room

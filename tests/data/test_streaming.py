@@ -85,3 +85,15 @@ def test_a_bound_smaller_than_one_shard_is_a_one_line_error(local_shards, tmp_pa
     shards = ShardSet([f"pipe:cat {p}" for p in local_shards[:3]], fetch=fetch)
     with pytest.raises(DataError, match="more than data.cache_max_gb allows"):
         shards.read(0)
+
+
+def test_a_bound_below_what_one_reader_needs_at_once_fails_fast(local_shards, tmp_path):
+    """A shuffle block over all 200 shards with a cache of 20 would wait for room that never comes: one line."""
+    bound = 20 * tar_size_bound(index_path(local_shards[0]))
+    fetch = FetchSpec(str(tmp_path / "cache"), 60, 30, prefetch=2, max_bytes=bound)
+    shards = ShardSet([f"pipe:cat {p}" for p in local_shards], fetch=fetch)
+    ds = ShardBatches(shards, LoaderSpec(batch_size=600, seed=0, shuffle_block=1200), _Keys())
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"data.cache_max_gb=.* cannot hold the shards one loader worker reads"):
+        ds.make_batch(0)
+    assert time.monotonic() - started < 25  # not the stall timeout (30 s)
