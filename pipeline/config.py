@@ -34,9 +34,10 @@ class DataConfig:
     cache_dir: str = ""  # node-local cache of `pipe:` shards; "" = $PIPELINE_SHARD_CACHE or ~/.cache/pipeline/shards
     pipe_timeout_s: float = 3600.0  # whole fetch of one `pipe:` shard (0 = no limit)
     pipe_stall_timeout_s: float = 120.0  # a `pipe:` command that sends no byte for this long is killed (0 = off)
-    pipe_prefetch: int = 4  # `pipe:` shards fetched at once
+    pipe_prefetch: int = 4  # `pipe:` shards fetched at once (and ahead of use by each loader worker)
     pipe_max_shard_gb: float = 64.0  # a `pipe:` command that writes more than this is killed (0 = no limit): a
     #                                  runaway source (`pipe:yes`) must not fill the cache disk
+    cache_max_gb: float = 0.0  # bound on the `pipe:` tars cached during training (least recently used evicted); 0 = none
     max_caption_bytes: int = 16384  # longer captions are bad samples (caption_too_long), skipped before tokenising
     log_sample_keys: bool = False  # write every rank's sample keys per step to out_dir/sample_keys/
 
@@ -292,7 +293,8 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(f"train.seed={t.seed} must be >= 0 (numpy seeds are unsigned)")
     for key, v in {"train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps, "train.ckpt_every": t.ckpt_every,
                    "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
-                   "data.workers": cfg.data.workers, "train.global_batch_size": t.global_batch_size}.items():
+                   "data.workers": cfg.data.workers, "train.global_batch_size": t.global_batch_size,
+                   "data.cache_max_gb": cfg.data.cache_max_gb}.items():
         if v < 0:
             raise ConfigError(f"{key}={v} must be >= 0")
     if t.profile_steps and (len(t.profile_steps) != 2 or not 1 <= t.profile_steps[0] <= t.profile_steps[1]):

@@ -1,7 +1,11 @@
 """From brace-expanded shard paths to training batches, exactly, resumably and elastically.
 
 The order of an epoch is a pure function of (seed, epoch, shard sizes, source weights): shards are shuffled,
-then samples are shuffled within blocks of `shuffle_block`. The epoch is consumed one global batch at a time:
+then samples are shuffled within blocks of `shuffle_block`. It is never materialised: `EpochPlan`
+(pipeline/data/epoch_plan.py) maps any position to its sample id in O(1), from arrays of one entry per shard.
+The shard sizes come from one `manifest.json` per shard directory (pipeline/data/manifest.py), and a reader keeps
+only the member tables and descriptors of the shards one shuffle block spans (an LRU), so neither start-up nor
+a worker's memory grows with the number of shards. The epoch is consumed one global batch at a time:
 the global batch at sample offset `o` is `order[o : o + G]` (G = world_size x batch_size) and rank r takes
 its r-th slice. The remainder of an epoch that does not fill a global batch is dropped, so every rank has the
 same number of batches (DDP never hangs on uneven shards) and no sample is seen twice within an epoch.
@@ -13,12 +17,15 @@ the stream is the same for any worker count; augmentation randomness is seeded p
 resumed batches are bit-identical.
 
 Several sources (`a/{0..99}.tar::b/{0..9}.tar`) can be mixed with per-source weights: a weight w makes a
-source contribute round(w x its size) samples per epoch (whole copies plus a seeded subset, so w=0.5 halves
-and w=2 doubles it). `resampled` mode draws every epoch with replacement instead, with per-sample probability
-proportional to its source's weight (open_clip's `--dataset-resampled`).
+source contribute round(w x its size) samples per epoch (whole copies plus a seeded subset spread over its
+shards in proportion to their sizes, so w=0.5 halves and w=2 doubles it). `resampled` mode draws every epoch
+with replacement instead, with per-sample probability proportional to its source's weight (open_clip's
+`--dataset-resampled`).
 
 `pipe:CMD` shards (object stores: `pipe:aws s3 cp s3://b/train-000001.tar -`) are fetched into a node-local cache
-with a stall timeout, so a stalled pipe fails with one line naming the command instead of hanging the job.
+with a stall timeout, so a stalled pipe fails with one line naming the command instead of hanging the job. A
+training `ShardSet` streams them: only their indexes are fetched up front, each tar when it is first read and
+ahead of use by the worker that will read it, into a cache bounded by `data.cache_max_gb` (`ShardCache`).
 
 Only allow-listed extensions are decoded (`pipeline.data.modalities` adds audio/depth/...); nothing from a
 shard is ever unpickled.
@@ -28,7 +35,7 @@ from __future__ import annotations
 import math
 import os
 import signal
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -40,12 +47,20 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.remote import DEFAULT_MAX_BYTES, PipeSource, is_pipe, resolve_sources
-from pipeline.data.shard_index import ShardMembers, load_or_build_index
+from pipeline.data.remote import (DEFAULT_MAX_BYTES, PipeSource, ShardCache, is_pipe, resolve_indexes,
+                                  resolve_sources)
+from pipeline.data.epoch_plan import (RESAMPLED_SHARDS_PER_BLOCK, EpochPlan, epoch_length,  # noqa: F401
+                                      epoch_order)
+from pipeline.data.manifest import MANIFEST_NAME, shard_entries
+from pipeline.data.shard_index import ShardMembers
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt",)
 MAX_CAPTION_BYTES = 16384  # data.max_caption_bytes' default; a caption is cut to 77 tokens (~300 bytes) anyway
+DEFAULT_CACHE_SHARDS = 4  # member tables held by a reader that goes through shards in order (evaluation)
+MAX_CACHE_SHARDS = 1024  # a shuffle block over tiny shards: the tables are tiny too
+PREFETCH_BATCHES = 4  # how far ahead (in this worker's batches) streamed shards are looked for
+MAX_OPEN_SHARDS = 64  # descriptors per process, well under the usual 1024 limit with 8+ workers per rank
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -56,14 +71,19 @@ class FetchSpec:
     timeout_s: float
     stall_timeout_s: float
     prefetch: int = 4
-    max_bytes: int | None = DEFAULT_MAX_BYTES  # per shard; None: no limit
+    max_shard_bytes: int | None = DEFAULT_MAX_BYTES  # one `pipe:` command's output; None: no limit
+    cache_max_bytes: int = 0  # bound on the cached tars of a training stream; 0: none
 
     @classmethod
     def for_data(cls, d) -> FetchSpec:
         """From a DataConfig: data.cache_dir, else $PIPELINE_SHARD_CACHE, else ~/.cache/pipeline/shards."""
         cache = d.cache_dir or os.environ.get("PIPELINE_SHARD_CACHE") or str(Path.home() / ".cache/pipeline/shards")
         return cls(cache, d.pipe_timeout_s, d.pipe_stall_timeout_s, d.pipe_prefetch,
-                   int(d.pipe_max_shard_gb * 1e9) or None)
+                   int(d.pipe_max_shard_gb * 1e9) or None, int(d.cache_max_gb * 1e9))
+
+    def cache(self) -> ShardCache:
+        return ShardCache(self.cache_dir, self.cache_max_bytes, self.timeout_s, self.stall_timeout_s, self.prefetch,
+                          self.max_shard_bytes)
 
 
 def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None) -> list[list[str]]:
@@ -83,7 +103,7 @@ def expand_sources(spec: str, key: str = "data", fetch: FetchSpec | None = None)
                     PipeSource(p)
         else:
             fetched = iter(resolve_sources(paths, fetch.cache_dir, fetch.timeout_s, fetch.stall_timeout_s,
-                                           fetch.prefetch, fetch.max_bytes))
+                                           fetch.prefetch, fetch.max_shard_bytes))
             sources = [[next(fetched) for _ in source] for source in sources]
             paths = [p for source in sources for p in source]
     missing = [p for p in paths if not is_pipe(p) and not os.path.isfile(p)]
@@ -122,94 +142,126 @@ def parse_weights(text: str, num_sources: int, key: str = "data.train_weights") 
 
 
 class ShardSet:
-    """The shards of a dataset, their sample counts (from the indexes, built where missing) and sources."""
+    """The shards of a dataset, their sample counts (from the directory's manifest, built once where missing)
+    and sources; reads samples through a small LRU of member tables and open descriptors."""
 
-    def __init__(self, paths: list[str], source_of_shard: list[int] | None = None):
+    def __init__(self, paths: list[str], source_of_shard: list[int] | None = None, fetch: FetchSpec | None = None):
+        self.remote: dict[int, str] = {i: p for i, p in enumerate(paths) if is_pipe(p)}  # shard -> pipe: URL
+        self.cache = None
+        if self.remote:  # streamed: only the indexes are fetched now, each tar when it is read
+            if fetch is None:
+                raise DataError("pipe: shards need a cache to stream into (FetchSpec)")
+            self.cache = fetch.cache()
+            local = resolve_indexes(list(self.remote.values()), fetch.cache_dir, fetch.timeout_s,
+                                    fetch.stall_timeout_s, fetch.prefetch, fetch.max_shard_bytes)
+            paths = list(paths)
+            for i, path in zip(self.remote, local):
+                paths[i] = path
         self.paths = paths
-        self.counts = np.array([load_or_build_index(p).num_rows for p in paths], dtype=np.int64)
+        entries = shard_entries(paths)
+        self.counts = np.array([e.samples for e in entries], dtype=np.int64)
+        self.sizes = np.array([e.bytes for e in entries], dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self.total = int(self.counts.sum())
         self.sources = np.zeros(len(paths), np.int64) if source_of_shard is None else np.asarray(source_of_shard)
-        self._members: dict[int, ShardMembers] = {}
-        self._fds: dict[int, int] = {}
+        self.cache_shards = DEFAULT_CACHE_SHARDS
+        self._members: OrderedDict[int, ShardMembers] = OrderedDict()
+        self._fds: OrderedDict[int, int] = OrderedDict()
 
     @classmethod
-    def from_sources(cls, sources: list[list[str]]) -> "ShardSet":
-        return cls([p for s in sources for p in s], [i for i, s in enumerate(sources) for _ in s])
+    def from_sources(cls, sources: list[list[str]], fetch: FetchSpec | None = None) -> "ShardSet":
+        return cls([p for s in sources for p in s], [i for i, s in enumerate(sources) for _ in s], fetch)
+
+    def size_cache_for(self, shuffle_block: int, weights: tuple[float, ...] | None = None,
+                       resampled: bool = False) -> None:
+        """Holds as many shards open as one shuffle block can span, twice (a batch may straddle two blocks):
+        the block's samples come from consecutive shards of the epoch's order (resampled: from a fixed number
+        of shard draws), so the LRU never thrashes within a block and a worker's memory stays that of a few
+        shards however many it reads in an epoch."""
+        if resampled:
+            footprint = min(max(1, shuffle_block), RESAMPLED_SHARDS_PER_BLOCK) + 1
+        else:  # the fewest samples a shard contributes: a weight below 1 takes that fraction of each shard
+            w = np.ones(int(self.sources.max()) + 1) if weights is None else np.asarray(weights, np.float64)
+            share = np.floor(self.counts * np.where(w[self.sources] >= 1, 1.0, w[self.sources]))
+            share = share[(self.counts > 0) & (w[self.sources] > 0)]
+            smallest = max(1, int(share.min())) if share.size else 1
+            footprint = -(-max(1, shuffle_block) // smallest) + 1
+        self.cache_shards = int(min(max(DEFAULT_CACHE_SHARDS, 2 * footprint), MAX_CACHE_SHARDS))
 
     def locate(self, sample_id: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, sample_id, side="right") - 1)
         return shard, int(sample_id - self.starts[shard])
 
-    def read(self, sample_id: int) -> tuple[str, dict[str, bytes]]:
-        """Returns (key, {ext: bytes}) of one sample. Shard descriptors stay open."""
-        shard, row = self.locate(sample_id)
-        if shard not in self._members:
-            members = ShardMembers.load(self.paths[shard])
-            if len(members.keys) != self.counts[shard]:  # the epoch plan was made with the old count
-                raise DataError(f"{self.paths[shard]}: has {len(members.keys)} samples now, {self.counts[shard]} "
-                                f"when the run started: the shard changed during the run")
-            self._members[shard] = members
+    def _members_of(self, shard: int) -> ShardMembers:
+        members = self._members.get(shard)
+        if members is not None:
+            self._members.move_to_end(shard)
+            return members
+        members = ShardMembers.load(self.paths[shard])
+        if len(members.keys) != self.counts[shard]:
+            raise DataError(f"{self.paths[shard]}: its index has {len(members.keys)} samples, the manifest "
+                            f"{self.counts[shard]} (the shard changed after {MANIFEST_NAME} was written; delete "
+                            f"that file to have it rebuilt)")
+        self._members[shard] = members
+        while len(self._members) > self.cache_shards:
+            self._members.popitem(last=False)
+        return members
+
+    def _fd_of(self, shard: int) -> int:
         fd = self._fds.get(shard)
-        if fd is None:
-            if len(self._fds) >= 16:  # bound open files; a shuffle block touches few shards at a time
-                os.close(self._fds.pop(next(iter(self._fds))))
-            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        members = self._members[shard]
-        return members.keys[row], members.read(row, fd)
+        if fd is not None:
+            self._fds.move_to_end(shard)
+            return fd
+        fd = os.open(self.paths[shard], os.O_RDONLY)
+        size = os.fstat(fd).st_size
+        if 0 <= self.sizes[shard] != size:
+            os.close(fd)
+            raise DataError(f"{self.paths[shard]}: {size} bytes, the manifest says {self.sizes[shard]} (the shard "
+                            f"changed after {MANIFEST_NAME} was written; delete that file to have it rebuilt)")
+        self._fds[shard] = fd
+        while len(self._fds) > min(self.cache_shards, MAX_OPEN_SHARDS):
+            os.close(self._fds.popitem(last=False)[1])
+        return fd
+
+    def read(self, sample_id: int) -> tuple[str, dict[str, bytes]]:
+        """Returns (key, {ext: bytes}) of one sample; a `pipe:` shard's tar is fetched first if not cached."""
+        shard, row = self.locate(sample_id)
+        for attempt in range(3):
+            if shard in self.remote and shard not in self._fds:
+                self.cache.ensure(self.remote[shard])
+            try:
+                members = self._members_of(shard)
+                return members.keys[row], members.read(row, self._fd_of(shard))
+            except FileNotFoundError:  # another process evicted it between the fetch and the open
+                if shard not in self.remote or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def prefetch(self, sample_ids: np.ndarray, upcoming: np.ndarray) -> None:
+        """Streams: keeps the shards of `sample_ids` (being read) and of `upcoming` (in the order they will be
+        read) from eviction and fetches the first of `upcoming` ahead of use."""
+        if self.cache is None:
+            return
+        now = np.searchsorted(self.starts, sample_ids, side="right") - 1
+        ahead = np.searchsorted(self.starts, upcoming, side="right") - 1
+        ahead = [int(s) for s in dict.fromkeys(ahead.tolist()) if int(s) in self.remote]
+        keep = {self.paths[int(s)] for s in now} | {self.paths[s] for s in ahead}
+        self.cache.use(keep)
+        self.cache.prefetch([self.remote[s] for s in ahead])
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+        self._members.clear()
 
     def __getstate__(self):  # descriptors do not travel to spawned worker processes
         state = self.__dict__.copy()
-        state["_fds"] = {}
+        state["_fds"] = OrderedDict()
+        state["_members"] = OrderedDict()
         return state
 
 
 # ----------------------------------------------------------------------------------------------- epoch plan
-def _source_sizes(counts: np.ndarray, sources: np.ndarray) -> np.ndarray:
-    return np.bincount(sources, weights=counts, minlength=int(sources.max()) + 1).astype(np.int64)
-
-
-def epoch_length(counts: np.ndarray, sources: np.ndarray | None = None,
-                 weights: tuple[float, ...] | None = None) -> int:
-    """Samples per epoch: each source contributes round(weight x size)."""
-    if weights is None:
-        return int(np.sum(counts))
-    sizes = _source_sizes(np.asarray(counts), np.asarray(sources))
-    return int(sum(round(w * n) for w, n in zip(weights, sizes)))
-
-
-def epoch_order(counts: np.ndarray, seed: int, epoch: int, shuffle_block: int,
-                sources: np.ndarray | None = None, weights: tuple[float, ...] | None = None,
-                resampled: bool = False) -> np.ndarray:
-    """Global sample ids in the order of one epoch (see the module docstring)."""
-    rng = np.random.default_rng([seed, epoch])
-    counts = np.asarray(counts)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    sources = np.zeros(len(counts), np.int64) if sources is None else np.asarray(sources)
-    length = epoch_length(counts, sources, weights)
-    if resampled:  # with replacement; a sample's probability is proportional to its source's weight
-        w = np.ones(sources.max() + 1) if weights is None else np.asarray(weights, dtype=np.float64)
-        p = np.repeat(w[sources], counts)
-        return rng.choice(len(p), size=length, p=p / p.sum())
-    shard_order = rng.permutation(len(counts))
-    if weights is None:
-        order = np.concatenate([np.arange(starts[s], starts[s] + counts[s]) for s in shard_order])
-    else:  # floor(w) copies of every sample, plus a seeded subset for the fractional part of the weight
-        w = np.asarray(weights, dtype=np.float64)
-        copies = np.repeat(np.floor(w).astype(np.int64)[sources], counts)
-        sample_source = np.repeat(sources, counts)
-        for s, n in enumerate(_source_sizes(counts, sources)):
-            extra = round(w[s] * n) - int(np.floor(w[s])) * n
-            if extra > 0:
-                copies[rng.choice(np.flatnonzero(sample_source == s), extra, replace=False)] += 1
-        order = np.concatenate([np.repeat(np.arange(starts[s], starts[s] + counts[s]),
-                                          copies[starts[s]:starts[s] + counts[s]]) for s in shard_order])
-    block = max(1, shuffle_block)
-    for b in range(0, len(order), block):
-        rng.shuffle(order[b:b + block])
-    return order
-
-
 @dataclass(frozen=True)
 class StreamPosition:
     """Where the next global batch starts: sample `offset` of epoch `epoch`. Independent of the world size."""
@@ -360,23 +412,27 @@ class ShardBatches(IterableDataset):
         if self.batches_per_epoch == 0:
             raise DataError(f"the training data has {self.epoch_len} samples per epoch, fewer than one global "
                             f"batch ({spec.world_size} ranks x {spec.batch_size})")
-        self._order_epoch, self._order = -1, None
+        shards.size_cache_for(spec.shuffle_block, spec.weights, spec.resampled)
+        self._stride = 1  # batches k, k + stride, ... are built by this process (one loader worker's share)
+        self._plan: EpochPlan | None = None
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        if epoch != self._order_epoch:
+    def epoch_plan(self, epoch: int) -> EpochPlan:
+        if self._plan is None or self._plan.epoch != epoch:
             s = self.spec
-            self._order = epoch_order(self.shards.counts, s.seed, epoch, s.shuffle_block, self.shards.sources,
-                                      s.weights, s.resampled)
-            self._order_epoch = epoch
-        return self._order
+            self._plan = EpochPlan(self.shards.counts, s.seed, epoch, s.shuffle_block, self.shards.sources,
+                                   s.weights, s.resampled)
+        return self._plan
 
     def batch_ids(self, k: int) -> tuple[StreamPosition, np.ndarray]:
         pos = batch_position(self.start, k, self.epoch_len, self.global_batch)
         lo = pos.offset + self.spec.rank * self.spec.batch_size
-        return pos, self.epoch_order(pos.epoch)[lo:lo + self.spec.batch_size]
+        return pos, self.epoch_plan(pos.epoch).ids(np.arange(lo, lo + self.spec.batch_size))
 
     def make_batch(self, k: int) -> dict:
         pos, ids = self.batch_ids(k)
+        if self.shards.cache is not None:  # streamed shards: this worker's next batches are fetched meanwhile
+            ahead = [self.batch_ids(k + j * self._stride)[1] for j in range(1, PREFETCH_BATCHES + 1)]
+            self.shards.prefetch(ids, np.concatenate(ahead))
         samples, keys, bad = [], [], Counter()
         error = None
         for sid in ids.tolist():
@@ -411,6 +467,7 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        self._stride = workers
         k = worker
         while True:
             yield self.make_batch(k)

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.data.image_processing import ImageFailure, ImageSettings, describe_error, process_image
+from pipeline.data.manifest import ShardEntry, write_manifest
 from pipeline.data.shard_index import INDEX_SCHEMA, index_path, scan_tar, with_tar_metadata, write_index
 from pipeline.data.shard_writer import shard_name, shard_pattern
 from pipeline.data.sources import (Columns, FileRef, InputError, InputSpec, SourceRow, check_input, input_fingerprint,
@@ -702,6 +703,8 @@ def _finalize(out: Path, opts: ShardOptions, writers: dict[str, SplitWriter], to
             _write_json(w.dir / "summary.json", dict(splits[split], output=str(w.dir)))
             t = w.failures_table()
             tables.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
+    for w in writers.values():  # the loader plans an epoch from this one file, not from every shard's index
+        write_manifest(w.dir, {s["shard"]: ShardEntry(s["samples"], s["tar_bytes"]) for s in w.done})
     table = pa.concat_tables(tables)
     _write_parquet(table.sort_by("row") if table.num_rows else table, out / "failures.parquet")
     _write_json(out / "summary.json", summary)

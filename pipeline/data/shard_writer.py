@@ -12,6 +12,7 @@ import os
 import tarfile
 from pathlib import Path
 
+from pipeline.data.manifest import ShardEntry, write_manifest
 from pipeline.data.shard_index import index_path, scan_tar, write_index
 
 
@@ -35,6 +36,7 @@ class ShardWriter:
         self.samples_per_shard = samples_per_shard
         self.max_shard_bytes = max_shard_bytes
         self.shards: list[Path] = []
+        self.entries: dict[str, ShardEntry] = {}  # what goes into manifest.json
         self.total_samples = 0
         self.total_bytes = 0
         self._tar: tarfile.TarFile | None = None
@@ -89,10 +91,12 @@ class ShardWriter:
         write_index(scan_tar(self._tmp), index_path(final))
         os.replace(self._tmp, final)
         self.shards.append(final)
+        self.entries[final.name] = ShardEntry(self._in_shard, final.stat().st_size)
         self._tar = None
 
     def close(self) -> dict:
-        """Finishes the last (possibly short) shard and writes `summary.json`; returns the summary."""
+        """Finishes the last (possibly short) shard and writes `manifest.json` and `summary.json`; returns the
+        summary."""
         if self._tar is not None:
             self._finish_shard()
         summary = {
@@ -102,6 +106,7 @@ class ShardWriter:
             "bytes_on_disk": sum(p.stat().st_size for p in self.shards),
             "pattern": str(self.out_dir / shard_pattern(self.prefix, len(self.shards))) if self.shards else "",
         }
+        write_manifest(self.out_dir, self.entries)
         tmp = self.out_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2))
         os.replace(tmp, self.out_dir / "summary.json")

@@ -20,7 +20,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Concatenates `x` (n_r, d) of all ranks along dim 0, differentiably; returns it and this rank's offset."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
+    rank = dist.get_rank()
     sizes = rank_sizes(x.shape[0])
     longest = max(sizes)
     padded = F.pad(x, (0, 0, 0, longest - x.shape[0])) if x.shape[0] < longest else x

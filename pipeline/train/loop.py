@@ -187,8 +187,8 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     engine, _, plain = build_engine(task.model, cfg, env.world_size, task.param_groups(),
                                     checkpoint_meta(resume_from).get("zero_stage", 0) if resume_from else 0)
 
-    sources = expand_sources(cfg.data.train, "data.train", FetchSpec.for_data(cfg.data))
-    shards = ShardSet.from_sources(sources)
+    sources = expand_sources(cfg.data.train, "data.train")  # pipe: shards stay URLs: streamed, not fetched now
+    shards = ShardSet.from_sources(sources, FetchSpec.for_data(cfg.data))
     spec = LoaderSpec(t.batch_size, env.rank, env.world_size, t.seed, cfg.data.shuffle_block,
                       parse_weights(cfg.data.train_weights, len(sources)), cfg.data.resampled)
     start_step, position = 0, StreamPosition()

@@ -189,6 +189,12 @@ def test_webdataset_and_our_loader_read_the_same_samples(planted):
     for x in theirs:
         assert {k: v for k, v in x.items() if not k.startswith("__")} == ours[x["__key__"]]
     shards = expand_shards(pattern)
+    manifest = json.loads((planted["out"] / "manifest.json").read_text())  # beside summary.json
+    assert manifest["shards"] == [Path(p).name for p in shards]
+    assert manifest["samples"] == [pq.ParquetFile(index_path(p)).metadata.num_rows for p in shards]
+    assert manifest["bytes"] == [Path(p).stat().st_size for p in shards]
+    assert manifest["indexes"] == [index_path(p).name for p in shards]
+    assert sum(manifest["samples"]) == planted["summary"]["samples"]
     for shard in shards:
         index = pq.read_table(index_path(shard)).to_pylist()
         assert load_or_build_index(shard).column("key").to_pylist() == [r["key"] for r in index]
@@ -497,6 +503,8 @@ def test_val_split_is_deterministic_by_key_hash(tmp_path):
     assert not set(train) & set(val) and len(train) + len(val) == 60 == s["samples"]
     assert 5 <= len(val) <= 25
     assert json.loads((tmp_path / "a" / "val" / "summary.json").read_text())["samples"] == len(val)
+    for split, keys in (("train", train), ("val", val)):  # one manifest per split directory
+        assert sum(json.loads((tmp_path / "a" / split / "manifest.json").read_text())["samples"]) == len(keys)
     assert s["patterns"]["val"].endswith("val/val-{000000..%06d}.tar" % (s["splits"]["val"]["shards"] - 1))
     # a different row order (and another input file) sends every key to the same split
     shuffled = pq.read_table(src).take(list(reversed(range(60))))

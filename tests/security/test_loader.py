@@ -18,7 +18,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from pipeline.config import DataConfig
@@ -26,6 +25,7 @@ from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
 from pipeline.data.loader import (FetchSpec, ImageLabelDecoder, ImageTextBatches, LoaderSpec, ShardBatches,
                                   ShardSet, expand_sources, make_train_loader)
+from pipeline.data.manifest import MANIFEST_NAME
 from pipeline.data.remote import PipeSource, fetch_pipe, resolve_sources
 from pipeline.data.shard_index import index_path, load_or_build_index, scan_tar
 from pipeline.data.shard_writer import ShardWriter
@@ -46,10 +46,13 @@ def _jpeg(color=(200, 10, 10), size=32) -> bytes:
 
 
 def _shard(directory: Path, n: int, prefix: str = "s", key: str = "k", caption: str = "a red square") -> Path:
-    """One shard of `n` samples `{key}{i:04d}` (jpg + txt), with its index; returns the tar's path."""
+    """One shard of `n` samples `{key}{i:04d}` (jpg + txt), with its index; returns the tar's path. The
+    dataset manifest the writer leaves is removed: the checks here are those of a shard read on its own (a
+    foreign tar); test_a_cut_tar_listed_in_the_manifest_fails_when_read covers the manifest's."""
     with ShardWriter(directory, prefix=prefix, samples_per_shard=10_000) as w:
         for i in range(n):
             w.write(f"{key}{i:04d}", {"jpg": _jpeg(), "txt": f"{caption} {i:04d}"})
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
     return directory / f"{prefix}-000000.tar"
 
 
@@ -87,6 +90,22 @@ def test_tar_cut_at_a_header_boundary_is_refused_and_no_partial_index_is_written
         ShardSet([str(tar)])
     after = index_path(tar).read_bytes() if index_path(tar).exists() else None
     assert after == before  # no partial index written next to the data
+
+
+def test_a_cut_tar_listed_in_the_manifest_fails_when_read(tmp_path):
+    """With the dataset manifest (what `shard` writes) the loader trusts its counts at start-up; the cut tar's
+    size no longer matches its index, and the first read of the shard stops with one line naming it."""
+    with ShardWriter(tmp_path, prefix="s", samples_per_shard=10_000) as w:
+        for i in range(10):
+            w.write(f"k{i:04d}", {"jpg": _jpeg(), "txt": f"a red square {i:04d}"})
+    tar = tmp_path / "s-000000.tar"
+    assert (tmp_path / MANIFEST_NAME).is_file()
+    with open(tar, "r+b") as f:
+        f.truncate(_header_boundary(tar, 5))
+    shards = ShardSet([str(tar)])
+    with pytest.raises(DataError, match=r"s-000000\.tar: truncated: the file ends after member 'k0004\.txt'") as e:
+        shards.read(0)
+    _one_line(e.value)
 
 
 def test_tar_cut_mid_member_zero_byte_tar_and_a_10e12_byte_header_are_one_line_errors(tmp_path):
@@ -167,7 +186,7 @@ def test_a_shard_changed_during_the_run_stops_it_naming_the_shard(tmp_path):
     os.replace(index_path(regrown), index_path(tar))
     dataset = ShardBatches(shards, LoaderSpec(batch_size=4, shuffle_block=1), _KeyDecoder())
     batch = next(iter(make_train_loader(dataset, workers=1, pin_memory=False)))
-    with pytest.raises(DataError, match=r"s-000000\.tar: has 16 samples now, 8 when the run started"):
+    with pytest.raises(DataError, match=r"s-000000\.tar: its index has 16 samples, the manifest 8 \(the shard changed"):
         _one_line(BadSampleBudget(0.5).add(batch, 4))
 
 

@@ -209,3 +209,15 @@ def test_siglip_run_on_a_ring_exports_logit_bias(demo_data, tmp_path):
     assert model.logit_bias is not None
     torch.testing.assert_close(model.logit_bias.detach(), state["logit_bias"].reshape(()), rtol=0, atol=0)
     torch.testing.assert_close(model.logit_scale.detach(), state["logit_scale"].reshape(()), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_pipe_stream_trains_on_the_local_runs_samples(demo_data, tmp_path, uninterrupted):
+    """data.train as `pipe:` commands, streamed through the run's cache: every step's sample keys on every rank
+    equal the local run's (the cache bound itself: tests/data/test_streaming.py)."""
+    out, cache = tmp_path / "piped", tmp_path / "cache"
+    _train(demo_data, out, **{**RESUME_EXTRA, "data.train": f"pipe:cat {demo_data['train']}",
+                              "data.cache_dir": cache, "data.pipe_prefetch": 2})
+    for rank in (0, 1):
+        assert _sample_keys(out, rank) == _sample_keys(uninterrupted, rank)
+    assert len(list(cache.glob("*.index.parquet"))) == len(expand_shards(demo_data["train"]))
