@@ -84,6 +84,8 @@ def run_imagebind_demo(out: Path, config: Path, steps: int | None = None, nproc:
         raise UserError(f"training failed with exit code {code}")
     results = json.loads((out / "eval.json").read_text())
     export_dir = export_checkpoint(out, out / "export")
-    print(f"[demo] done in {time.time() - t0:.0f} s; encoders exported to {export_dir} (no text-audio or "
-          f"text-depth pair was trained on; chance is 1/{results.get('classes', '?')})", flush=True)
+    mods = cfg.imagebind.modalities
+    print(f"[demo] done in {time.time() - t0:.0f} s; encoders exported to {export_dir} (no "
+          f"{' / '.join('text-' + m for m in mods)} pair was trained on; chance is "
+          f"1/{results.get('classes', '?')})", flush=True)
     return results
