@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--label-col", help="class id column, stored as .cls")
     h.add_argument("--audio-col", help="audio column (.wav/.flac path or bytes), stored as .wav/.flac")
     h.add_argument("--depth-col", help="depth column (16-bit .png or .npy path or bytes), stored as .depth.png/.depth.npy")
-    h.add_argument("--thermal-col", help="thermal column (.png/.jpg/.npy path or bytes), stored as .thermal.png/.jpg/.npy")
+    h.add_argument("--thermal-col", help="thermal column (grey .png/.jpg or .npy path or bytes), stored as .thermal.*")
     h.add_argument("--imu-col", help="IMU column ((T, 6) .npy path or bytes), stored as .imu.npy")
     h.add_argument("--keep-cols", help="comma-separated columns copied into .json (default: all others; 'none')")
     h.add_argument("--image-root", help="directory relative image paths start from (default: the table's)")

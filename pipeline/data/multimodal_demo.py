@@ -260,5 +260,7 @@ def write_disjoint_demo_datasets(out_dir: str | Path, train_samples: int = 3000,
                                   lambda split, i, m=m: render_paired_sample(m, seed, split, i, image_size))
         train.append(paths["train"])
         val.append(paths["val"])
-        classes = paths["classes"]
-    return {"train": "::".join(train), "val": "::".join(val), "classes": classes, "modalities": list(modalities)}
+        classes = Path(paths["classes"]).read_text()  # the same for every set: the demo world's classes
+    (out / "classes.json").write_text(classes)
+    return {"train": "::".join(train), "val": "::".join(val), "classes": str(out / "classes.json"),
+            "modalities": list(modalities)}

@@ -58,6 +58,8 @@ def test_disjoint_sets_pair_each_picture_with_one_modality(tmp_path):
     assert paths["modalities"] == list(DISJOINT_MODALITIES)
     sources, seen = paths["train"].split("::"), set()
     assert len(sources) == 4 and len(paths["val"].split("::")) == 4
+    assert paths["classes"] == str(tmp_path / "classes.json")
+    assert len(json.loads(open(paths["classes"]).read())["classes"]) == 40
     members = {"audio": "wav", "depth": "depth.png", "thermal": "thermal.png", "imu": "imu.npy"}
     for m, pattern in zip(DISJOINT_MODALITIES, sources):
         samples = list(wds.WebDataset(pattern, shardshuffle=False, empty_check=False))
