@@ -210,7 +210,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
         opts = ShardOptions(
             inputs=args.input, output=args.output, input_format=args.format,
             columns=Columns(args.image_col, args.caption_col, args.key_col, args.label_col, args.audio_col,
-                            args.depth_col, keep),
+                            args.depth_col, keep, args.thermal_col, args.imu_col),
             image_root=args.image_root, samples_per_shard=args.samples_per_shard,
             max_shard_bytes=parse_size(args.max_shard_bytes) if args.max_shard_bytes else None,
             prefix=args.prefix, workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--label-col", help="class id column, stored as .cls")
     h.add_argument("--audio-col", help="audio column (.wav/.flac path or bytes), stored as .wav/.flac")
     h.add_argument("--depth-col", help="depth column (16-bit .png or .npy path or bytes), stored as .depth.png/.depth.npy")
+    h.add_argument("--thermal-col", help="thermal column (grey .png/.jpg or .npy path or bytes), stored as .thermal.*")
+    h.add_argument("--imu-col", help="IMU column ((T, 6) .npy path or bytes), stored as .imu.npy")
     h.add_argument("--keep-cols", help="comma-separated columns copied into .json (default: all others; 'none')")
     h.add_argument("--image-root", help="directory relative image paths start from (default: the table's)")
     h.add_argument("--samples-per-shard", type=int, default=10_000, help="samples per shard (the last may be short)")

@@ -52,20 +52,29 @@ def run_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2, 
 
 def run_imagebind_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2,
                        train_samples: int = 6000) -> dict:
-    """The binding demo: multimodal data (image + audio + depth) -> audio and depth encoders trained against the
-    frozen towers of the CLIP demo's export -> emergent text -> audio / depth zero-shot -> encoder export."""
+    """The binding demo: multimodal data -> encoders trained against the frozen towers of the CLIP demo's export
+    -> emergent text -> X zero-shot -> encoder export. A config with one `data.train` source writes one set whose
+    samples carry audio + depth (`write_multimodal_demo_dataset`); with several, one paired set per configured
+    modality (`write_disjoint_demo_datasets`, `train_samples` / 2 each)."""
     from pipeline.config import load_config
-    from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
+    from pipeline.data.multimodal_demo import write_disjoint_demo_datasets, write_multimodal_demo_dataset
     from pipeline.export import export_checkpoint
 
     t0 = time.time()
-    towers = Path(load_config(config).imagebind.towers)
+    cfg = load_config(config)
+    towers = Path(cfg.imagebind.towers)
     if not (towers / "open_clip_config.json").is_file():
         raise UserError(f"imagebind.towers={towers} is not an open_clip export; run the CLIP demo first "
                         f"(bash launch/demo.sh writes runs/demo/export)")
-    print(f"[demo] writing the multimodal demo dataset (image + audio + depth) to {out / 'data'}", flush=True)
-    paths = write_multimodal_demo_dataset(out / "data", train_samples=train_samples, val_samples=500,
-                                          samples_per_shard=1000)
+    if "::" in cfg.data.train:
+        print(f"[demo] writing one paired set per modality ({', '.join(cfg.imagebind.modalities)}) to "
+              f"{out / 'data'}", flush=True)
+        paths = write_disjoint_demo_datasets(out / "data", train_samples=train_samples // 2, val_samples=250,
+                                             modalities=tuple(cfg.imagebind.modalities))
+    else:
+        print(f"[demo] writing the multimodal demo dataset (image + audio + depth) to {out / 'data'}", flush=True)
+        paths = write_multimodal_demo_dataset(out / "data", train_samples=train_samples, val_samples=500,
+                                              samples_per_shard=1000)
     overrides = [f"data.train={paths['train']}", f"data.val={paths['val']}", f"data.classes={paths['classes']}",
                  f"train.out_dir={out}", *([f"train.steps={steps}"] if steps is not None else [])]
     argv = ["train", "--config", str(config), *overrides]
@@ -75,6 +84,8 @@ def run_imagebind_demo(out: Path, config: Path, steps: int | None = None, nproc:
         raise UserError(f"training failed with exit code {code}")
     results = json.loads((out / "eval.json").read_text())
     export_dir = export_checkpoint(out, out / "export")
-    print(f"[demo] done in {time.time() - t0:.0f} s; encoders exported to {export_dir} (no text-audio or "
-          f"text-depth pair was trained on; chance is 1/{results.get('classes', '?')})", flush=True)
+    mods = cfg.imagebind.modalities
+    print(f"[demo] done in {time.time() - t0:.0f} s; encoders exported to {export_dir} (no "
+          f"{' / '.join('text-' + m for m in mods)} pair was trained on; chance is "
+          f"1/{results.get('classes', '?')})", flush=True)
     return results

@@ -190,11 +190,17 @@ def _media_member(data: bytes, kind: str) -> tuple[str, bytes] | Failure:
         if data[:4] == b"fLaC":
             return "flac", data
         return Failure("bad_audio", "not WAV or FLAC")
+    if kind == "imu":
+        if data[:6] == b"\x93NUMPY" and _npy_ok(data):
+            return "imu.npy", data
+        return Failure("bad_imu", "not a plain .npy array")
     if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "depth.png", data
+        return f"{kind}.png", data
     if data[:6] == b"\x93NUMPY" and _npy_ok(data):
-        return "depth.npy", data
-    return Failure("bad_depth", "not PNG or a plain .npy array")
+        return f"{kind}.npy", data
+    if kind == "thermal" and data[:3] == b"\xff\xd8\xff":
+        return "thermal.jpg", data
+    return Failure(f"bad_{kind}", "not PNG or a plain .npy array" + (" or JPEG" if kind == "thermal" else ""))
 
 
 def _read_caption_file(ref: FileRef, max_bytes: int) -> bytes:
@@ -265,7 +271,7 @@ def build_sample(key: str, row: SourceRow, s: SampleSettings) -> Sample | Failur
     except ImageFailure as e:
         return Failure(e.reason, e.detail)
     members[image.ext] = image.data
-    for kind in ("audio", "depth"):
+    for kind in ("audio", "depth", "thermal", "imu"):
         value = getattr(row, kind)
         if value is None:
             continue

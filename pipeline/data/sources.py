@@ -13,6 +13,7 @@ set, so that every input row is accounted for.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import gzip
 import json
@@ -59,6 +60,8 @@ class SourceRow:
     label: object = None                          # -> .cls; None: no label
     audio: bytes | FileRef | None = None          # -> .wav / .flac
     depth: bytes | FileRef | None = None          # -> .depth.png / .depth.npy
+    thermal: bytes | FileRef | None = None        # -> .thermal.png / .thermal.jpg / .thermal.npy
+    imu: bytes | FileRef | None = None            # -> .imu.npy
     extra: dict = field(default_factory=dict)     # -> .json, with the image size
     passthrough: dict[str, bytes | FileRef] = field(default_factory=dict)  # other members, by extension
     error: tuple[str, str] | None = None          # (reason, detail) when the row itself could not be read
@@ -74,9 +77,12 @@ class Columns:
     audio: str | None = None
     depth: str | None = None
     keep: list[str] | None = None  # extra columns copied into .json; None: every column not used otherwise
+    thermal: str | None = None
+    imu: str | None = None
 
     def used(self) -> set[str]:
-        return {c for c in (self.image, self.caption, self.key, self.label, self.audio, self.depth) if c}
+        return {c for c in (self.image, self.caption, self.key, self.label, self.audio, self.depth, self.thermal,
+                            self.imu) if c}
 
 
 @dataclass
@@ -172,12 +178,13 @@ def check_input(spec: InputSpec, columns: Columns) -> None:
     caption = (columns.caption if columns.caption == NO_CAPTIONS
                else _pick(columns.caption, CAPTION_COLUMN_GUESSES, names, "--caption-col", spec.path))
     for option, col in (("--key-col", columns.key), ("--label-col", columns.label), ("--audio-col", columns.audio),
-                        ("--depth-col", columns.depth)):
+                        ("--depth-col", columns.depth), ("--thermal-col", columns.thermal),
+                        ("--imu-col", columns.imu)):
         if col is not None:
             _pick(col, (), names, option, spec.path)
     for col in columns.keep or []:
         _pick(col, (), names, "--keep-cols", spec.path)
-    spec.columns = Columns(image, caption, columns.key, columns.label, columns.audio, columns.depth, columns.keep)
+    spec.columns = dataclasses.replace(columns, image=image, caption=caption)
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -230,7 +237,7 @@ def _row_from_record(record: dict, cols: Columns, base_dir: str, source: str) ->
         row.label = record.get(cols.label, "")
         if row.label is None:
             row.label = ""  # a label column with a hole: bad_label, not "no label"
-    for name, attr in ((cols.audio, "audio"), (cols.depth, "depth")):
+    for name, attr in ((cols.audio, "audio"), (cols.depth, "depth"), (cols.thermal, "thermal"), (cols.imu, "imu")):
         if name:
             media = _media(record.get(name), base_dir)
             if isinstance(media, str):

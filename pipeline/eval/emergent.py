@@ -26,8 +26,8 @@ def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform:
                                modality_transform: Callable, batch_size: int, bad: Counter | None = None,
                                max_samples: int = 0, decode_options: dict | None = None,
                                ) -> Iterator[tuple[torch.Tensor, list[str], torch.Tensor, list[int]]]:
-    """Every readable sample in order, batched: (images, captions, modality inputs, labels (-1 if no .cls)).
-    Failures are skipped and counted by reason in `bad`."""
+    """Every readable sample in order, batched: (images, captions (None where a sample has no caption), modality
+    inputs, labels (-1 if no .cls)). Failures are skipped and counted by reason in `bad`."""
     bad = Counter() if bad is None else bad
     image = ImageToTensor(image_transform)
     images, captions, inputs, labels = [], [], [], []
@@ -41,7 +41,8 @@ def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform:
             bad["unreadable"] += 1
             continue
         try:
-            pixels, caption = image(image_member(raw)), decode_caption(raw)
+            pixels = image(image_member(raw))
+            caption = decode_caption(raw) if "txt" in raw else None  # paired sets need no caption
             decoded = decode_modality(raw, modality, **(decode_options or {}))
             x = modality_transform(decoded.value)
         except BadSample as e:
@@ -77,7 +78,7 @@ def evaluate_emergent(model, modality: str, val: str | list[str], image_transfor
     """`model`: an `ImageBindModel` (encode_image / encode_text / encode_modality return normalised features).
     Returns {"modality", "samples", "bad": {reason: n}, "<m>_zero_shot_top1/top5", "image_zero_shot_top1/top5",
     "classes" (when `classes_json` is given and samples have .cls), "<m>2image_R@k", "image2<m>_R@k",
-    "text2<m>_R@k", "<m>2text_R@k"}."""
+    "text2<m>_R@k", "<m>2text_R@k" (these two when every sample has a caption)}."""
     was_training = model.training
     model.eval()
     param = next(model.parameters())
@@ -85,11 +86,14 @@ def evaluate_emergent(model, modality: str, val: str | list[str], image_transfor
     shards = ShardSet(expand_shards(val, "data.val"))
     bad: Counter = Counter()
     img_f, txt_f, mod_f, labels = [], [], [], []
+    captioned = True  # caption retrieval only when every sample has a caption
     for images, captions, inputs, lab in iterate_multimodal_samples(shards, modality, image_transform,
                                                                     modality_transform, batch_size, bad,
                                                                     max_samples, decode_options):
         img_f.append(model.encode_image(images.to(device, dtype)).float())
-        txt_f.append(model.encode_text(tokenizer(captions).to(device)).float())
+        captioned = captioned and None not in captions
+        if captioned:
+            txt_f.append(model.encode_text(tokenizer(captions).to(device)).float())
         mod_f.append(model.encode_modality(modality, inputs.to(device, dtype)).float())
         labels.extend(lab)
     if was_training:
@@ -98,7 +102,7 @@ def evaluate_emergent(model, modality: str, val: str | list[str], image_transfor
     results: dict = {"modality": m, "samples": sum(x.shape[0] for x in img_f), "bad": dict(bad)}
     if not img_f:
         return results
-    img, txt, mod = torch.cat(img_f), torch.cat(txt_f), torch.cat(mod_f)
+    img, mod = torch.cat(img_f), torch.cat(mod_f)
     label_t = torch.tensor(labels)
     if classes_json and (label_t >= 0).all():
         prompts = load_class_prompts(classes_json)
@@ -107,8 +111,11 @@ def evaluate_emergent(model, modality: str, val: str | list[str], image_transfor
         results[f"{m}_zero_shot_top1"], results[f"{m}_zero_shot_top5"] = _topk_accuracy(mod, cls_emb, label_t)
         results["image_zero_shot_top1"], results["image_zero_shot_top5"] = _topk_accuracy(img, cls_emb, label_t)
     ks = list(recall_at)
-    for name, (queries, items) in ((f"{m}2image", (mod, img)), (f"image2{m}", (img, mod)),
-                                   (f"text2{m}", (txt, mod)), (f"{m}2text", (mod, txt))):
+    pairs = [(f"{m}2image", (mod, img)), (f"image2{m}", (img, mod))]
+    if captioned:
+        txt = torch.cat(txt_f)
+        pairs += [(f"text2{m}", (txt, mod)), (f"{m}2text", (mod, txt))]
+    for name, (queries, items) in pairs:
         for k, v in recall_at_k(queries, items, ks).items():
             results[f"{name}_R@{k}"] = v
     return results

@@ -299,6 +299,13 @@ class ImageBindModel(nn.Module):
         return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[0] == 0:  # a rank with no pair of a modality (open_clip's towers reject an empty batch)
+            empty = images.new_zeros((0, _embed_dim(self.clip)))
+            if self.freeze_towers:
+                return empty
+            # trained towers: the same autograd path as on the ranks with pairs (their gathers' backward is a
+            # collective) and a zero gradient for every tower parameter
+            return empty + sum(p.sum() for p in self.clip.visual.parameters() if p.requires_grad) * 0.0
         if self.freeze_towers:
             with torch.no_grad():
                 return self.clip.encode_image(images, normalize=True).detach()

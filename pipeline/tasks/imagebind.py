@@ -2,9 +2,22 @@
 image embeddings of its pairs with the CLIP loss; text never meets the modality in training, yet text ->
 modality zero-shot works because both live in the image tower's space.
 
-A batch's path: loader (ModalityDecoder: the image transform + each modality's decoder and transform) ->
-ImageBindModel (frozen open_clip towers + one encoder per modality, pipeline/models/imagebind.py) -> one CLIP
-loss per modality over all ranks, averaged.
+A batch's path: loader (ModalityDecoder: the image transform + the decoder and transform of each modality the
+sample carries) -> ImageBindModel (frozen open_clip towers + one encoder per modality,
+pipeline/models/imagebind.py) -> one CLIP loss per modality over the pairs of all ranks that carry it, averaged
+over the modalities present (pipeline/objectives/binding_loss.py).
+
+One paired dataset per modality, as ImageBind trains (audio-image, depth-image, thermal-image, IMU-image): give
+them as `data.train` sources ('::'-joined, weighted by `data.train_weights`); a sample's modalities are the
+members it carries, so one source may also carry several. The loader's epoch plan shuffles the sources' shards
+and then samples within `data.shuffle_block`, so with a block spanning many shards of every source a global
+batch mixes the sources in proportion to their weighted sizes; with a block inside one shard it draws from one
+source. Mixed is the choice: every encoder gets a gradient every step (one source per step leaves three of four
+encoders without one on most steps while AdamW's momentum and weight decay still move them), at the cost of
+fewer negatives per modality per step (about G x its share instead of G; `samples/<m>` in the metrics). On the
+disjoint demo, at the same samples and time, mixed batches gave text -> thermal / IMU / audio zero-shot of
+34% / 45% / 41% against 9% / 9% / 38% with one source per batch, which ran ~10% more samples/s
+(bench/results/demo_runs.md).
 """
 from __future__ import annotations
 
@@ -17,11 +30,12 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.loader import expand_shards, image_member, local_shards, stack_collate
-from pipeline.data.modalities import decode_modality, make_modality_transform
+from pipeline.data.errors import BadSample
+from pipeline.data.loader import FetchSpec, ShardSet, expand_shards, expand_sources, image_member
+from pipeline.data.modalities import MODALITY_MEMBERS, decode_modality, make_modality_transform
 from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
-from pipeline.objectives.clip_loss import clip_loss
+from pipeline.objectives.binding_loss import binding_loss_share, rank_counts
 from pipeline.train.engine import compute_dtype
 
 
@@ -63,28 +77,52 @@ def _decode_options(cfg: RunConfig, modality: str) -> dict:
             "depth": {"depth_scale": cfg.imagebind.depth_scale}}.get(modality, {})
 
 
+def carries(raw: dict[str, bytes], modality: str) -> bool:
+    """Whether a sample ({ext: bytes}) has a member of `modality`."""
+    return any(ext in raw for ext in MODALITY_MEMBERS[modality])
+
+
 class ModalityDecoder:
-    """image + every configured modality -> {"images", "<modality>": input tensor, "converted": conversions}.
-    A sample lacking one of the modalities is skipped (BadSample "missing_<member>") and counted."""
+    """image + each configured modality the sample carries -> {"images", "<modality>": input tensor,
+    "converted": conversions}. A sample carrying none of them is skipped (BadSample "missing_modality") and
+    counted; a member that fails to decode skips the sample with the decoder's reason (e.g. "bad_audio").
+
+    `collate` stacks the images of all samples and, per modality, the inputs of the samples that carry it with
+    their rows in the batch ("<modality>_rows", int64); a modality no sample carries has neither key."""
 
     def __init__(self, image_transform, modality_transforms: dict, decode_options: dict, reduced_decode: bool):
         self.image, self.modality_transforms = ImageToTensor(image_transform, reduced_decode), modality_transforms
         self.decode_options = decode_options
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
+        present = [m for m in self.modality_transforms if carries(raw, m)]
+        if not present:
+            raise BadSample("missing_modality")
         out: dict[str, Any] = {"images": self.image(image_member(raw))}
         converted = Counter()
-        for m, transform in self.modality_transforms.items():
+        for m in present:
             decoded = decode_modality(raw, m, **self.decode_options[m])
             converted.update(decoded.conversions)
-            out[m] = transform(decoded.value)
+            out[m] = self.modality_transforms[m](decoded.value)
         out["converted"] = converted
         return out
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = stack_collate(samples)
-        batch["converted"] = sum(batch["converted"], Counter())
+        batch: dict[str, Any] = {"images": torch.stack([s["images"] for s in samples]),
+                                 "converted": sum((s["converted"] for s in samples), Counter())}
+        for m in self.modality_transforms:
+            rows = [i for i, s in enumerate(samples) if m in s]
+            if rows:
+                batch[m] = torch.stack([samples[i][m] for i in rows])
+                batch[f"{m}_rows"] = torch.tensor(rows, dtype=torch.int64)
         return batch
+
+
+def modality_input_shape(config) -> tuple[int, ...]:
+    """One sample's encoder input shape (without the batch dimension), from its EncoderConfig."""
+    if config.modality == "imu":
+        return tuple(config.input_size)
+    return (config.in_channels, *config.input_size)
 
 
 class ImageBindTask:
@@ -124,30 +162,87 @@ class ImageBindTask:
         return self.model.parameter_groups(self.cfg.train.lr, self.cfg.train.weight_decay, self.ib.tower_lr_scale)
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+        """Mean over the modalities present in the global batch of each one's loss over all ranks' pairs.
+        Every encoder runs on every rank, on an empty batch where this rank has no sample of its modality, so
+        every rank's gradients cover the same parameters (DeepSpeed reduces them in the same buckets)."""
         dtype = compute_dtype(engine)
         images = self.decoder.image.model_input(batch["images"], device, dtype)
-        losses, stats = [], {}
-        for m in self.ib.modalities:
-            out = engine(images, m, batch[m].to(device, dtype, non_blocking=True))
-            loss = clip_loss(out["image_features"], out["modality_features"], out["logit_scale"],
-                             self.cfg.loss.logit_scale_max)
-            losses.append(loss)
-            stats[f"loss/{m}"] = loss.detach()
+        mods = self.ib.modalities
+        local = [int(batch[f"{m}_rows"].numel()) if f"{m}_rows" in batch else 0 for m in mods]
+        table = rank_counts(local)  # the same on every rank: which modality runs which collective
+        losses, unused, stats = [], [], {}
+        for j, m in enumerate(mods):
+            sizes = [row[j] for row in table]
+            if f"{m}_rows" in batch:
+                rows = batch[f"{m}_rows"]
+                img = images if rows.numel() == images.shape[0] else images[rows.to(device)]
+                inputs = batch[m].to(device, dtype, non_blocking=True)
+            else:
+                img = images[:0]
+                inputs = torch.zeros((0, *modality_input_shape(self.encoder_configs[m])), device=device, dtype=dtype)
+            out = engine(img, m, inputs)
+            stats[f"samples/{m}"] = sum(sizes)
             stats[f"logit_scale/{m}"] = out["logit_scale"].detach().float().reshape(())
-        return torch.stack(losses).mean(), stats
+            if sum(sizes) == 0:  # no rank has it: no collective; a zero gradient keeps the buckets the same
+                unused.append(out["modality_features"].sum() * 0.0)
+                continue
+            loss = binding_loss_share(out["image_features"], out["modality_features"], out["logit_scale"], sizes,
+                                      self.cfg.loss.logit_scale_max)
+            losses.append(loss)
+            stats[f"loss/{m}"] = loss
+        total = torch.stack(losses).mean() + sum(unused) if losses else torch.stack(unused).sum()
+        if losses:  # the global per-modality losses (each rank holds its share); reported, not differentiated
+            present = [m for m in mods if f"loss/{m}" in stats]
+            shares = torch.stack([stats[f"loss/{m}"].detach() for m in present])
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(shares)
+                shares = shares / torch.distributed.get_world_size()
+            stats.update({f"loss/{m}": v for m, v in zip(present, shares)})
+        return total, stats
+
+    def val_sources(self) -> dict[str, list[str]]:
+        """{modality: the shards of the `data.val` sources that carry it}: a source carries what its first
+        sample carries ('::'-joined sources, one held-out set per paired dataset; one source may carry all)."""
+        cfg = self.cfg
+        out: dict[str, list[str]] = {m: [] for m in self.ib.modalities}
+        for source in expand_sources(cfg.data.val, "data.val", FetchSpec.for_data(cfg.data)):
+            shards = ShardSet(source)
+            if shards.total == 0:
+                continue
+            _, raw = shards.read(0)
+            for m in out:
+                if carries(raw, m):
+                    out[m] += source
+        return out
 
     def evaluate(self, model: torch.nn.Module) -> dict:
+        """Emergent zero-shot and retrieval of each modality on its own held-out sources. Keys per modality:
+        "<m>_zero_shot_top1/top5", "<m>_zero_shot_chance" (1 / classes), "<m>_samples", "<m>_bad",
+        "<m>_image_zero_shot_top1/top5" (the frozen image tower on the same samples), "<m>2image_R@k", ...;
+        "classes" once."""
         from pipeline.eval.emergent import evaluate_emergent, format_emergent
 
         cfg = self.cfg
         if not cfg.data.val:
             return {}
-        results, val = {}, local_shards(cfg.data.val, "data.val", cfg.data)
-        for m, enc_cfg in self.encoder_configs.items():
-            transform = make_modality_transform(m, enc_cfg, train=False, **self._transform_options(m))
+        results = {}
+        for m, val in self.val_sources().items():
+            if not val:
+                print(f"eval {m}: no data.val source carries {m}; skipped", flush=True)
+                continue
+            transform = make_modality_transform(m, self.encoder_configs[m], train=False, **self._transform_options(m))
             r = evaluate_emergent(model, m, val, self.eval_transform, transform, self.tokenizer,
                                   cfg.data.classes, cfg.eval.batch_size, cfg.eval.recall_at,
                                   decode_options=self.decode_options[m])
             print(f"eval {m}: " + format_emergent(r), flush=True)
-            results.update({k: v for k, v in r.items() if k not in ("modality",)})
+            for k, v in r.items():
+                if k == "modality":
+                    continue
+                if k == "classes":
+                    results["classes"] = v
+                    results[f"{m}_zero_shot_chance"] = 1.0 / v
+                elif k.startswith(m) or f"2{m}" in k:
+                    results[k] = v
+                else:  # samples, bad, image_zero_shot_*: per modality, since each has its own held-out set
+                    results[f"{m}_{k}"] = v
         return results

@@ -217,7 +217,11 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                   f"{position.offset})", flush=True)
 
     dataset = ShardBatches(shards, spec, task.decoder, start=position)
+    # starting the loader draws the workers' base seed from torch's RNG (restored from the checkpoint above):
+    # put it back, or the dropout masks of a resumed run would differ from an uninterrupted run's
+    rng = torch.get_rng_state()
     batches = iter(make_train_loader(dataset, cfg.data.workers, pin_memory=use_cuda))
+    torch.set_rng_state(rng)
     device = engine.device
     metrics = (MetricsLog(out_dir, t.steps, start_step, t.progress, t.report_to, t.wandb_project, to_dict(cfg))
                if is_main else None)

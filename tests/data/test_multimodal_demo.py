@@ -49,3 +49,54 @@ def test_audio_pitch_follows_colour_and_depth_raises_the_shape():
         assert 0.97 < valid.mean() < 1.0
         assert d[valid].min() < np.median(d[valid]) - 0.5  # the object stands out from the background
         assert render_multimodal_sample(0, "train", i)["wav"] == m["wav"]  # deterministic
+
+
+def test_disjoint_sets_pair_each_picture_with_one_modality(tmp_path):
+    from pipeline.data.multimodal_demo import DISJOINT_MODALITIES, write_disjoint_demo_datasets
+
+    paths = write_disjoint_demo_datasets(tmp_path, train_samples=12, val_samples=5, samples_per_shard=10)
+    assert paths["modalities"] == list(DISJOINT_MODALITIES)
+    sources, seen = paths["train"].split("::"), set()
+    assert len(sources) == 4 and len(paths["val"].split("::")) == 4
+    assert paths["classes"] == str(tmp_path / "classes.json")
+    assert len(json.loads(open(paths["classes"]).read())["classes"]) == 40
+    members = {"audio": "wav", "depth": "depth.png", "thermal": "thermal.png", "imu": "imu.npy"}
+    for m, pattern in zip(DISJOINT_MODALITIES, sources):
+        samples = list(wds.WebDataset(pattern, shardshuffle=False, empty_check=False))
+        assert len(samples) == 12
+        for s in samples:  # the picture and its caption, plus this set's modality and no other
+            assert set(s) - {"__key__", "__url__", "__local_path__"} == {"jpg", "txt", "cls", "json", members[m]}
+            assert s["jpg"] not in seen  # no picture is in two sets (or twice in one)
+            seen.add(s["jpg"])
+            decode_modality({members[m]: s[members[m]]}, m)  # the project's decoders accept them
+
+
+def test_thermal_heat_follows_the_colour_and_imu_pace_the_colour_and_corners_the_shape():
+    from pipeline.data.demo_dataset import SHAPES
+    from pipeline.data.modalities import decode_imu, decode_thermal
+    from pipeline.data.multimodal_demo import IMU_RATE, render_paired_sample
+
+    heat_by_colour, checked_imu = {}, 0
+    for i in range(60):
+        s = render_paired_sample("thermal", 0, "train", i)
+        t = decode_thermal(s["thermal.png"], "thermal.png").value
+        heat_by_colour.setdefault(int(s["cls"]) // 5, []).append(np.percentile(t, 99))
+        s = render_paired_sample("imu", 0, "train", i)
+        x = decode_imu(s["imu.npy"]).value
+        assert x.shape == (500, 6) and abs(np.median(x[:, 2]) - 1.0) < 0.05  # gravity on z
+        colour, shape = divmod(int(s["cls"]), 5)
+        laps_per_s = 0.25 * 1.25 ** colour
+        if SHAPES[shape] == "circle":  # a steady turn: the yaw rate is 2 pi x laps per second
+            assert abs(np.median(x[:, 5]) / (2 * np.pi * laps_per_s) - 1) < 0.06
+            checked_imu += 1
+        elif SHAPES[shape] in ("triangle", "square"):  # one sharp turn per corner
+            yaw = x[:, 5]
+            high = np.flatnonzero(yaw > 0.5 * yaw.max())
+            spikes = np.split(high, np.flatnonzero(np.diff(high) > 5) + 1)  # runs of high yaw rate: one per turn
+            laps = 500 / IMU_RATE * laps_per_s
+            corners = {"triangle": 3, "square": 4}[SHAPES[shape]]
+            assert abs(len(spikes) - corners * laps) <= 1.5, (SHAPES[shape], len(spikes), corners * laps)
+            checked_imu += 1
+    assert checked_imu >= 10
+    means = [np.mean(heat_by_colour[c]) for c in sorted(heat_by_colour)]
+    assert len(means) == 8 and all(b > a for a, b in zip(means, means[1:]))  # each paint hotter than the last

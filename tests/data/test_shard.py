@@ -351,6 +351,27 @@ def test_parquet_with_image_bytes_extra_columns_and_modalities(tmp_path):
     assert wsample["depth.png"] == depth16.getvalue()
 
 
+def test_thermal_and_imu_columns_become_members_the_trainer_decodes(tmp_path):
+    from pipeline.data.modalities import decode_modality
+
+    thermal8 = io.BytesIO()
+    Image.fromarray(np.arange(30 * 40, dtype=np.uint8).reshape(30, 40)).save(thermal8, "PNG")
+    imu = _npy(np.zeros((50, 6), np.float32))
+    table = pa.table({"image": [_jpeg(_photo(i, 20, 20)) for i in range(4)], "caption": ["c"] * 4,
+                      "heat": [thermal8.getvalue(), _jpeg(_photo(9, 20, 20)), None, None],
+                      "motion": [None, None, imu, b"not npy"]})
+    src = tmp_path / "d.parquet"
+    pq.write_table(table, src)
+    summary = run_shard(_opts([src], tmp_path / "out", columns=Columns(thermal="heat", imu="motion")))
+    assert summary["failures"] == {"bad_imu": 1}
+    samples = list(_read_all(summary["pattern"]).values())
+    assert samples[0]["thermal.png"] == thermal8.getvalue() and "thermal.jpg" in samples[1]
+    assert samples[2]["imu.npy"] == imu and "imu.npy" not in samples[0] and "thermal.png" not in samples[2]
+    assert "heat" not in json.loads(samples[0]["json"])  # a modality column is a member, not metadata
+    assert decode_modality(samples[0], "thermal").value.shape == (30, 40)
+    assert decode_modality(samples[2], "imu").value.shape == (50, 6)
+
+
 def test_object_npy_is_refused_without_unpickling(tmp_path):
     bad = io.BytesIO()
     np.save(bad, np.array([{"a": 1}], dtype=object), allow_pickle=True)

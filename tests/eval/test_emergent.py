@@ -59,3 +59,22 @@ def test_perfect_binding_scores_perfectly(setup):
                           tokenizer, paths["classes"], batch_size=7, recall_at=[1])
     assert r["audio2image_R@1"] == 1.0 and r["image2audio_R@1"] == 1.0
     assert math.isclose(r["audio_zero_shot_top1"], r["image_zero_shot_top1"])
+
+
+def test_paired_set_without_captions_is_scored_without_caption_retrieval(setup, tmp_path):
+    from pipeline.data.shard_writer import ShardWriter
+
+    paths, model, eval_tf, tokenizer = setup
+    shards = ShardSet(expand_shards(paths["val"]))
+    with ShardWriter(tmp_path, prefix="nocap", samples_per_shard=100) as w:
+        for i in range(shards.total):
+            key, raw = shards.read(i)
+            w.write(key, {k: v for k, v in raw.items() if k != "txt"})
+    transform = DepthTransform(size=48, train=False)
+    plain = evaluate_emergent(model, "depth", paths["val"], eval_tf, transform, tokenizer, paths["classes"],
+                              batch_size=10, recall_at=[1])
+    r = evaluate_emergent(model, "depth", str(tmp_path / "nocap-000000.tar"), eval_tf, transform, tokenizer,
+                          paths["classes"], batch_size=10, recall_at=[1])
+    assert r["samples"] == 24 and r["bad"] == {} and "text2depth_R@1" not in r and "depth2text_R@1" not in r
+    for key in ("depth_zero_shot_top1", "image_zero_shot_top1", "depth2image_R@1", "image2depth_R@1"):
+        assert r[key] == plain[key], key

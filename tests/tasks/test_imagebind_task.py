@@ -48,3 +48,25 @@ def test_two_modalities_bind_on_two_ranks_with_towers_bitwise_frozen(multimodal_
         assert torch.allclose(audio(x), model.encoders["audio"](x))
         for k, v in audio.state_dict().items():
             assert torch.equal(v, state[f"encoders.audio.{k}"].reshape(v.shape)), k
+
+
+def test_decoder_keeps_each_samples_own_modalities_and_their_rows():
+    from pipeline.config import RunConfig
+    from pipeline.data.errors import BadSample
+    from pipeline.data.multimodal_demo import render_paired_sample
+    from pipeline.tasks.imagebind import ImageBindTask
+
+    cfg = RunConfig(task="imagebind")
+    cfg.imagebind.towers, cfg.imagebind.modalities = "clip-tiny", ["audio", "depth", "thermal", "imu"]
+    task = ImageBindTask(cfg)
+    order = ["imu", "audio", "imu", "thermal", "audio"]
+    raws = [{k: (v.encode() if isinstance(v, str) else v) for k, v in render_paired_sample(m, 0, "val", i).items()}
+            for i, m in enumerate(order)]
+    batch = task.decoder.collate([task.decoder.sample(r) for r in raws])
+    assert batch["images"].shape[0] == 5
+    assert batch["imu_rows"].tolist() == [0, 2] and batch["audio_rows"].tolist() == [1, 4]
+    assert batch["thermal_rows"].tolist() == [3] and "depth" not in batch and "depth_rows" not in batch
+    assert batch["imu"].shape == (2, 6, 400) and batch["thermal"].shape == (1, 1, 48, 48)
+    assert batch["audio"].shape == (2, 1, 64, 100)
+    with pytest.raises(BadSample, match="missing_modality"):  # the picture alone binds nothing
+        task.decoder.sample({k: v for k, v in raws[0].items() if k != "imu.npy"})
