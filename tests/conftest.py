@@ -66,3 +66,13 @@ def train_overrides(demo_data, out_dir, **extra):
             "train.log_every": 1, "train.ckpt_every": 3, "train.progress": "false", "data.workers": 1}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class CaptionDecoder:
+    """A loader decoder that keeps only the caption: exact sample accounting without image work."""
+
+    def sample(self, raw):
+        return {"txt": raw["txt"].decode()}
+
+    def collate(self, samples):
+        return {"txt": [s["txt"] for s in samples]}

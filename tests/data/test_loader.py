@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import CaptionDecoder
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
                                   FetchSpec, batch_position, epoch_length, epoch_order,
                                   expand_shards, expand_sources, local_shards, make_train_loader, parse_weights)
@@ -50,21 +51,11 @@ def test_epoch_split_is_exact_and_balanced():
     assert total - len(seen) < world * bs  # only the documented remainder is dropped
 
 
-class _KeyDecoder:
-    """Decodes nothing but the caption: the sample accounting without image work."""
-
-    def sample(self, raw):
-        return {"txt": raw["txt"].decode()}
-
-    def collate(self, samples):
-        return {"txt": [s["txt"] for s in samples]}
-
-
 def test_uneven_shards_give_equal_steps_on_every_rank_and_worker_count(demo_data):
     shards = ShardSet(expand_shards(demo_data["train"]))  # 7 shards: 6 x 90 + 1 x 20
     assert sorted(shards.counts.tolist()) == [20] + [90] * 6
     world, bs = 2, 16
-    datasets = _datasets(shards, world, bs, _KeyDecoder(), seed=5, shuffle_block=37)
+    datasets = _datasets(shards, world, bs, CaptionDecoder(), seed=5, shuffle_block=37)
     per_epoch = shards.total // (world * bs)
     streams = []
     for ds in datasets:
@@ -99,11 +90,11 @@ def test_elastic_resume_on_a_different_world_size_continues_the_epoch(demo_data,
     """2 ranks x 16 for 7 steps, then `new_world` ranks: the epoch's keys are all distinct, and together they are
     the epoch except a tail shorter than one global batch."""
     shards = ShardSet(expand_shards(demo_data["train"]))
-    before = _datasets(shards, 2, 16, _KeyDecoder(), seed=9, shuffle_block=64)
+    before = _datasets(shards, 2, 16, CaptionDecoder(), seed=9, shuffle_block=64)
     keys = [k for ds in before for b in (ds.make_batch(i) for i in range(7)) for k in b["keys"]]
     resume_at = StreamPosition.from_dict(before[0].make_batch(6)["next"])
     assert resume_at == StreamPosition(0, 7 * 32)
-    after = _datasets(shards, new_world, new_bs, _KeyDecoder(), start=resume_at, seed=9, shuffle_block=64)
+    after = _datasets(shards, new_world, new_bs, CaptionDecoder(), start=resume_at, seed=9, shuffle_block=64)
     k = 0
     while True:
         batches = [ds.make_batch(k) for ds in after]
@@ -213,8 +204,6 @@ def test_pipe_sources_are_fetched_and_mixed_with_local_ones(demo_data, tmp_path)
     assert shards.read(0) == ShardSet(local[:1]).read(0)
     with pytest.raises(DataError, match="pipe:sleep 5; cat x: no data for 1s"):
         expand_sources("pipe:sleep 5; cat x", fetch=FetchSpec(str(tmp_path / "cache"), 60, 1))
-
-
 
 
 def test_evaluation_reads_pipe_shards_through_the_run_cache(demo_data, tmp_path):

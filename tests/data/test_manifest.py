@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import CaptionDecoder
 from pipeline.data.errors import DataError
 from pipeline.data.loader import LoaderSpec, ShardBatches, ShardSet, expand_shards
 from pipeline.data.manifest import MANIFEST_NAME, read_manifest
@@ -108,19 +109,11 @@ def test_where_the_directory_takes_no_lock_the_manifest_goes_to_the_shard_cache(
     assert {n: e.samples for n, e in read_manifest(cached).items()} == {"00000.tar": 3, "00001.tar": 5}
 
 
-class _Keys:
-    def sample(self, raw):
-        return {"txt": raw["txt"].decode()}
-
-    def collate(self, samples):
-        return {"txt": [s["txt"] for s in samples]}
-
-
 def test_a_reader_holds_only_the_shards_of_one_shuffle_block_and_reads_every_sample_once(tmp_path):
     sizes = [20, 7, 20, 20, 13, 20, 20, 3, 20, 20, 20, 20, 20, 20, 11, 20, 20, 20, 20, 20]
     paths = _written(tmp_path, sizes)
     shards = ShardSet(paths)
-    ds = ShardBatches(shards, LoaderSpec(batch_size=8, seed=2, shuffle_block=16), _Keys())
+    ds = ShardBatches(shards, LoaderSpec(batch_size=8, seed=2, shuffle_block=16), CaptionDecoder())
     assert shards.cache_shards == 2 * (-(-16 // 3) + 1)  # twice the shards a block of 16 can span
     keys, held = [], []
     for k in range(ds.batches_per_epoch):

@@ -7,19 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import CaptionDecoder
 from pipeline.data.errors import DataError
 from pipeline.data.loader import FetchSpec, LoaderSpec, ShardBatches, ShardSet, expand_shards, make_train_loader
 from pipeline.data.remote import tar_size_bound
 from pipeline.data.shard_index import index_path
 from pipeline.data.shard_writer import ShardWriter
-
-
-class _Keys:
-    def sample(self, raw):
-        return {"txt": raw["txt"].decode()[:12]}
-
-    def collate(self, samples):
-        return {"txt": [s["txt"] for s in samples]}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +37,7 @@ def _cache_bytes(cache: Path) -> int:
 
 def test_pipe_stream_in_a_cache_of_20_shards_gives_the_local_runs_keys(local_shards, tmp_path):
     spec = LoaderSpec(batch_size=12, seed=3, shuffle_block=24)
-    local = ShardBatches(ShardSet(local_shards), spec, _Keys())
+    local = ShardBatches(ShardSet(local_shards), spec, CaptionDecoder())
     n = local.batches_per_epoch + 3  # into the next epoch: shards come back after their eviction
     expected = [local.make_batch(k)["keys"] for k in range(n)]
 
@@ -66,7 +59,7 @@ def test_pipe_stream_in_a_cache_of_20_shards_gives_the_local_runs_keys(local_sha
     watcher.start()
     try:
         got, tars_at_first = [], None
-        for batch in make_train_loader(ShardBatches(streamed, spec, _Keys()), 2, pin_memory=False):
+        for batch in make_train_loader(ShardBatches(streamed, spec, CaptionDecoder()), 2, pin_memory=False):
             if tars_at_first is None:
                 tars_at_first = len(list(cache.glob("*.tar")))
             got.append(batch["keys"])
@@ -93,7 +86,7 @@ def test_a_bound_below_what_one_reader_needs_at_once_fails_fast(local_shards, tm
     bound = 20 * tar_size_bound(index_path(local_shards[0]))
     fetch = FetchSpec(str(tmp_path / "cache"), 60, 30, prefetch=2, cache_max_bytes=bound)
     shards = ShardSet([f"pipe:cat {p}" for p in local_shards], fetch=fetch)
-    ds = ShardBatches(shards, LoaderSpec(batch_size=600, seed=0, shuffle_block=1200), _Keys())
+    ds = ShardBatches(shards, LoaderSpec(batch_size=600, seed=0, shuffle_block=1200), CaptionDecoder())
     started = time.monotonic()
     # a shard-level problem ends the batch with its one-line message, which the training loop raises
     assert re.search(r"data.cache_max_gb=.* cannot hold the shards one loader worker reads", ds.make_batch(0)["error"])

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import CaptionDecoder
 from pipeline.config import DataConfig
 from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
@@ -184,18 +185,10 @@ def test_a_shard_changed_during_the_run_stops_it_naming_the_shard(tmp_path):
     regrown = _shard(tmp_path / "b", 16)
     os.replace(regrown, tar)
     os.replace(index_path(regrown), index_path(tar))
-    dataset = ShardBatches(shards, LoaderSpec(batch_size=4, shuffle_block=1), _KeyDecoder())
+    dataset = ShardBatches(shards, LoaderSpec(batch_size=4, shuffle_block=1), CaptionDecoder())
     batch = next(iter(make_train_loader(dataset, workers=1, pin_memory=False)))
     with pytest.raises(DataError, match=r"s-000000\.tar: its index has 16 samples, the manifest 8 \(the shard changed"):
         _one_line(BadSampleBudget(0.5).add(batch, 4))
-
-
-class _KeyDecoder:
-    def sample(self, raw):
-        return {"txt": raw["txt"].decode()}
-
-    def collate(self, samples):
-        return {"txt": [s["txt"] for s in samples]}
 
 
 # ------------------------------------------------------------------------------ hostile indexes (item 10)
