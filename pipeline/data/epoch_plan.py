@@ -131,11 +131,16 @@ class EpochPlan:
         self._extra_key = _key(self.seed, self.epoch, _EXTRAS)
         self._block_key = _key(self.seed, self.epoch, _BLOCKS)
 
-    def _ids_passes(self, p: np.ndarray) -> np.ndarray:
+    def _within_block(self, p: np.ndarray) -> np.ndarray:
+        """Where position p lands after the seeded permutation inside its shuffle block (the last, shorter
+        block is permuted within its own length)."""
         b = p // self.block
         i = p - b * self.block
         size = np.minimum(self.block, self.length - b * self.block)
-        q = b * self.block + permute(i, size, _mix(b.astype(np.uint64) ^ self._block_key))
+        return b * self.block + permute(i, size, _mix(b.astype(np.uint64) ^ self._block_key))
+
+    def _ids_passes(self, p: np.ndarray) -> np.ndarray:
+        q = self._within_block(p)
         slot = np.searchsorted(self.slot_end, q, side="right")
         shard = self.slot_shard[slot]
         t = q - (self.slot_end[slot] - self.copies[shard] * self.counts[shard] - self.extras[shard])
@@ -157,10 +162,7 @@ class EpochPlan:
         self._block_key = _key(self.seed, self.epoch, _BLOCKS)
 
     def _ids_resampled(self, p: np.ndarray) -> np.ndarray:
-        b = p // self.block
-        i = p - b * self.block
-        size = np.minimum(self.block, self.length - b * self.block)
-        q = b * self.block + permute(i, size, _mix(b.astype(np.uint64) ^ self._block_key))
+        q = self._within_block(p)
         chunk = (q // self.chunk).astype(np.uint64)
         u = (_mix(chunk ^ self._draw_key) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
         shard = np.minimum(np.searchsorted(self.shard_cdf, u, side="right"), len(self.counts) - 1)
