@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data.shard_writer import ShardWriter, shard_pattern
+from pipeline.shard.writer import ShardWriter, shard_pattern
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
