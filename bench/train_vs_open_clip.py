@@ -1082,10 +1082,10 @@ Commands (from the repository root; run directories and logs under `{relative(st
 - Both processes sync the GPU only at log steps (`loss.item()` and the like), so a window's time is the time between two such points: per-window numbers, not per-step ones.
 - One run per variant on a machine borrowed for minutes: compare the window spreads before reading much into differences of a few percent.
 """
+    from pipeline.atomic_write import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a kill while writing leaves the previous complete report
+    write_atomic(path, text)  # a kill while writing leaves the previous complete report
 
 
 def _dist_version(dist: str) -> str:
