@@ -261,7 +261,7 @@ def _render_part(job: tuple) -> int:
     """Writes part `part` (samples part*n .. part*n + n - 1 of the demo data's train split) into its own folder.
 
     write_demo_dataset renders serially and always starts at key 0, so the parallel render uses its pieces:
-    each sample is demo_dataset.render_sample(seed, "train", global index) under the key of that index, so
+    each sample is shapes.render_sample(seed, "train", global index) under the key of that index, so
     every image and key is unique over the parts and the content does not depend on how many processes ran."""
     from pipeline.demo_data.shapes import render_sample
     from pipeline.shard.writer import ShardWriter

@@ -58,13 +58,17 @@ def stats_path(tar: Path) -> Path:
     return tar.with_name(tar.name.removesuffix(".tar") + ".stats.json")
 
 
+def failures_path(directory: Path, prefix: str, number: int) -> Path:
+    return directory / "failures" / f"{prefix}-{number:06d}.parquet"
+
+
 class ShardFile:
     """One shard being written (its tar as a `TarShard`), with the rows accounted to it."""
 
     def __init__(self, directory: Path, prefix: str, number: int, row_begin: int):
         self.tar = TarShard(directory / shard_name(prefix, number))
         self.final = self.tar.final
-        self.failures_file = directory / "failures" / f"{prefix}-{number:06d}.parquet"
+        self.failures_file = failures_path(directory, prefix, number)
         self.row_begin = row_begin
         self.sizes: list[tuple[int, int, str]] = []
         self.failures: list[dict] = []
@@ -137,7 +141,7 @@ class SplitWriter:
     def _complete(self, number: int) -> dict | None:
         tar = self.dir / shard_name(self.prefix, number)
         stats = stats_path(tar)
-        failures = self.dir / "failures" / f"{self.prefix}-{number:06d}.parquet"
+        failures = failures_path(self.dir, self.prefix, number)
         if not (tar.is_file() and stats.is_file() and index_path(tar).is_file() and failures.is_file()):
             return None
         return json.loads(stats.read_text())
@@ -208,6 +212,6 @@ class SplitWriter:
         }
 
     def failures_table(self) -> pa.Table:
-        tables = [pq.read_table(self.dir / "failures" / f"{self.prefix}-{n:06d}.parquet", schema=FAILURES_SCHEMA)
+        tables = [pq.read_table(failures_path(self.dir, self.prefix, n), schema=FAILURES_SCHEMA)
                   for n in range(len(self.done))]
         return pa.concat_tables(tables) if tables else FAILURES_SCHEMA.empty_table()
