@@ -266,7 +266,7 @@ def make_shards(a: argparse.Namespace) -> tuple[str, dict]:
     import numpy as np
     from PIL import Image
 
-    from pipeline.data.shard_writer import ShardWriter, shard_pattern
+    from pipeline.shard.writer import ShardWriter, shard_pattern
 
     out = a.data_dir / f"photos-{a.samples}-{a.per_shard}"
     done = out / "done.json"
@@ -416,7 +416,7 @@ Ours / open_clip_train: {headline}.
 
 ## Settings (both systems)
 
-- Shards: `{tvo.relative(data['pattern'])}`: {data['samples']} samples in {data['shards']} shards written by `pipeline.data.shard_writer.ShardWriter` (with our index), JPEG quality {QUALITY}, long side {LONG_SIDE[0]}-{LONG_SIDE[1]} px (mean JPEG {data['jpeg_bytes_mean'] / 1000:.0f} kB, {data['jpeg_mb']} MB in all), random crops and flips of scikit-image's colour photographs ({", ".join(n for n, _ in PHOTOS)}), captions like "a photo of a cat"
+- Shards: `{tvo.relative(data['pattern'])}`: {data['samples']} samples in {data['shards']} shards written by `pipeline.shard.writer.ShardWriter` (with our index), JPEG quality {QUALITY}, long side {LONG_SIDE[0]}-{LONG_SIDE[1]} px (mean JPEG {data['jpeg_bytes_mean'] / 1000:.0f} kB, {data['jpeg_mb']} MB in all), random crops and flips of scikit-image's colour photographs ({", ".join(n for n, _ in PHOTOS)}), captions like "a photo of a cat"
 - Transform (the same construction in both environments, checked equal by its repr): `open_clip.image_transform({IMAGE_SIZE}, is_train=True, mean/std of {MODEL})`:
 
   ```

@@ -350,10 +350,10 @@ Rerun from the repository root on a GPU machine:
 - "peak memory allocated": the largest `peak_mem_gib` in metrics.jsonl (`torch.cuda.max_memory_allocated`, tensors only). Plan's total includes a fixed {a.overhead_gb:g} GiB for the CUDA context, communication buffers and allocator slack, which that counter does not see, so it is compared with plan's total less that overhead. "device memory in use" (nvidia-smi, all of the device's processes: the trainer's only here) is what the fixed overhead is meant to cover, and is compared with plan's total.
 - What plan leaves out (pipeline/plan.py): the activations of the embeddings, final norms and pooling heads, and under ZeRO on several GPUs DeepSpeed's own buffers (gradient buckets, the fp32 gradient partition).
 """
+    from pipeline.atomic_write import write_atomic  # importable: train_vs_open_clip put the repository on sys.path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text)  # a kill while writing leaves the previous complete report
 
 
 # ---------------------------------------------------------------------------------------------- main

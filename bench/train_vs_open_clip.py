@@ -7,7 +7,7 @@ Two suites, run from the repository root:
 
 --suite cpu (the default without --device cuda; about 7 minutes on 2 CPU cores once the shards and the
 environment exist):
-  1. writes (or reuses) the demo shards with pipeline.data.demo_dataset (20 tar shards, 20000 samples);
+  1. writes (or reuses) the demo shards with pipeline.demo_data.shapes (20 tar shards, 20000 samples);
   2. creates (or reuses) a separate virtual environment for open_clip_train: the same torch, torchvision,
      open_clip_torch and image/tokenizer stack as ours, plus webdataset 0.2.x, which open_clip_train needs
      (our environment has webdataset 1.x);
@@ -248,7 +248,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def prepare_data(data_dir: Path) -> str:
     """The train shard pattern (absolute), written by our demo dataset code if not there yet."""
-    from pipeline.data.demo_dataset import write_demo_dataset
+    from pipeline.demo_data.shapes import write_demo_dataset
 
     try:
         pattern = write_demo_dataset(data_dir)["train"]
@@ -261,10 +261,10 @@ def _render_part(job: tuple) -> int:
     """Writes part `part` (samples part*n .. part*n + n - 1 of the demo data's train split) into its own folder.
 
     write_demo_dataset renders serially and always starts at key 0, so the parallel render uses its pieces:
-    each sample is demo_dataset.render_sample(seed, "train", global index) under the key of that index, so
+    each sample is shapes.render_sample(seed, "train", global index) under the key of that index, so
     every image and key is unique over the parts and the content does not depend on how many processes ran."""
-    from pipeline.data.demo_dataset import render_sample
-    from pipeline.data.shard_writer import ShardWriter
+    from pipeline.demo_data.shapes import render_sample
+    from pipeline.shard.writer import ShardWriter
 
     out, part, n, per_shard, size, seed = job
     folder = Path(out) / f"part{part:02d}"
@@ -312,7 +312,7 @@ def render_shards(data_dir: Path, samples: int = RENDER_SAMPLES, parts: int = RE
         raise BenchError(f"could not render the shards into {data_dir}: {type(e).__name__}: {e}") from None
     if len(set(counts)) != 1:
         raise BenchError(f"parts got different shard counts {counts}; cannot write one pattern")
-    from pipeline.data.shard_writer import shard_pattern
+    from pipeline.shard.writer import shard_pattern
 
     part_glob = f"part{{00..{parts - 1:02d}}}" if parts > 1 else "part00"  # braceexpand keeps the zero padding
 
@@ -797,7 +797,7 @@ Rerun from the repository root:
 ## Settings (both systems)
 
 - Model `{MODEL}` (`configs/model/{MODEL}.json`: 48px images, ViT 4 layers width 128, text 4 layers width 128, context 24), random init, seed {SEED}
-- Data: `{relative(train_pattern)}` (demo dataset from `pipeline.data.demo_dataset`: 20 shards, 20000 samples, 64px JPEGs), 1 loader worker process
+- Data: `{relative(train_pattern)}` (demo dataset from `pipeline.demo_data.shapes`: 20 shards, 20000 samples, 64px JPEGs), 1 loader worker process
 - Batch {args.batch_size}, fp32, 1 process on the CPU, OMP_NUM_THREADS={threads}
 - {args.warmup_steps} warm-up + {args.steps} timed steps (open_clip_train: one step more, see the caveats)
 - AdamW lr {LR}, betas {BETAS}, eps {EPS}, weight decay {WEIGHT_DECAY} (not on gains, biases, logit scale), linear warm-up {WARMUP} steps then cosine, gradient clipping at norm {GRAD_CLIP}
@@ -1057,7 +1057,7 @@ Median samples/s over windows of {args.log_every} steps after {args.warmup_steps
 ## Settings (both systems)
 
 - Model `{args.model}` ({model_px} px images), random init, seed {SEED}; ours from `{args.config}` (ZeRO stage and the rest of that config) with the batch, data, schedule and logging below on top
-- Data: `{relative(shards['pattern'])}`: {shards['samples']} demo images ({shards['settings']['image_size']} px JPEGs rendered by `pipeline.data.demo_dataset.render_sample`, keys = sample index) in {shards['shards']} shards of {shards['settings']['samples_per_shard']}, {shards['settings']['parts']} folders rendered in parallel; {args.workers} loader worker processes per trainer; both use open_clip's train transform (RandomResizedCrop {model_px}, scale 0.9-1) and tokenizer
+- Data: `{relative(shards['pattern'])}`: {shards['samples']} demo images ({shards['settings']['image_size']} px JPEGs rendered by `pipeline.demo_data.shapes.render_sample`, keys = sample index) in {shards['shards']} shards of {shards['settings']['samples_per_shard']}, {shards['settings']['parts']} folders rendered in parallel; {args.workers} loader worker processes per trainer; both use open_clip's train transform (RandomResizedCrop {model_px}, scale 0.9-1) and tokenizer
 - Global batch {batch} on one {args.device.upper()} device, precision: ours `train.precision={args.precision}`{" (one rank: fp32 weights, autocast)" if args.precision == "bf16" else " (DeepSpeed fp16: loss scaling)" if args.precision == "fp16" else ""}, open_clip_train `--precision {OPEN_CLIP_PRECISION[args.precision]}`{" (fp32 weights, autocast)" if args.precision != "fp32" else ""}
 - {args.warmup_steps} warm-up + {args.steps} timed steps (open_clip_train: one step more, and {open_clip_steps(args)} in all, see the caveats)
 - AdamW lr {LR}, betas {BETAS}, eps {EPS}, weight decay {WEIGHT_DECAY} (not on gains, biases, logit scale), linear warm-up {WARMUP} steps then cosine, gradient clipping at norm {GRAD_CLIP}
@@ -1082,10 +1082,10 @@ Commands (from the repository root; run directories and logs under `{relative(st
 - Both processes sync the GPU only at log steps (`loss.item()` and the like), so a window's time is the time between two such points: per-window numbers, not per-step ones.
 - One run per variant on a machine borrowed for minutes: compare the window spreads before reading much into differences of a few percent.
 """
+    from pipeline.atomic_write import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # a kill while writing leaves the previous complete report
+    write_atomic(path, text)  # a kill while writing leaves the previous complete report
 
 
 def _dist_version(dist: str) -> str:

@@ -190,9 +190,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from pipeline.data.image_processing import ENCODE_FORMATS, ImageSettings
-    from pipeline.data.shard import ShardOptions, format_summary, parse_size, run_shard
-    from pipeline.data.sources import Columns, InputError
+    from pipeline.shard.images import ENCODE_FORMATS, ImageSettings
+    from pipeline.shard.options import ShardOptions, parse_size
+    from pipeline.shard.rows import Columns, InputError
+    from pipeline.shard.run import format_summary, run_shard
 
     resize_mode = args.resize_mode or ("keep_ratio" if args.image_size else "none")
     if resize_mode != "none" and not args.image_size:

@@ -15,7 +15,7 @@ def run_demo(out: Path, config: Path, steps: int | None = None, nproc: int = 2, 
     import open_clip
 
     from pipeline.config import load_config
-    from pipeline.data.demo_dataset import write_demo_dataset
+    from pipeline.demo_data.shapes import write_demo_dataset
     from pipeline.eval.zero_shot import evaluate, format_results
     from pipeline.export import export_checkpoint, export_open_clip, open_clip_export_kwargs
 
@@ -57,7 +57,7 @@ def run_imagebind_demo(out: Path, config: Path, steps: int | None = None, nproc:
     samples carry audio + depth (`write_multimodal_demo_dataset`); with several, one paired set per configured
     modality (`write_disjoint_demo_datasets`, `train_samples` / 2 each)."""
     from pipeline.config import load_config
-    from pipeline.data.multimodal_demo import write_disjoint_demo_datasets, write_multimodal_demo_dataset
+    from pipeline.demo_data.multimodal import write_disjoint_demo_datasets, write_multimodal_demo_dataset
     from pipeline.export import export_checkpoint
 
     t0 = time.time()

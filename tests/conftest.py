@@ -43,7 +43,7 @@ def _exact_fp32_matmuls():
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """A small copy of the demo dataset: 7 uneven train shards (6 x 90 + 1 x 20), 1 val shard."""
-    from pipeline.data.demo_dataset import write_demo_dataset
+    from pipeline.demo_data.shapes import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo_data"), train_samples=560, val_samples=80,
                               samples_per_shard=90)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import pyarrow.parquet as pq
 
+from pipeline.atomic_write import write_atomic
 from pipeline.data.errors import DataError
 from pipeline.data.shard_index import index_path, load_or_build_index
 
@@ -48,13 +49,8 @@ def write_manifest(directory: str | Path, entries: dict[str, ShardEntry], path: 
     doc = {"format": FORMAT, "version": VERSION, "shards": names, "samples": [entries[n].samples for n in names],
            "bytes": [entries[n].bytes for n in names],
            "indexes": [index_path(Path(directory) / n).name for n in names]}
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(doc, separators=(",", ":")))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    # processes may write one manifest at once (ranks after a rebuild): each has its own temporary file
+    return write_atomic(path, json.dumps(doc, separators=(",", ":")), tmp_suffix=f".{os.getpid()}.tmp")
 
 
 def read_manifest(path: Path) -> dict[str, ShardEntry]:

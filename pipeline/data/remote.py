@@ -48,6 +48,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.atomic_write import atomic_path
 from pipeline.data.shard_index import INDEX_SCHEMA, index_mismatch, index_path, read_index, scan_tar
 
 PIPE_PREFIX = "pipe:"
@@ -60,6 +61,11 @@ MIN_FREE_BYTES = 1 << 30  # a fetch stops before it leaves the cache's file syst
 GROUP_EXIT_WAIT_S = 10.0  # for SIGKILLed processes to exit: milliseconds, unless one is stuck in the kernel (D state)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _TMP_OWNER = re.compile(r"\.(\d+)-[0-9a-f]{8}\.tmp$")  # fetch_pipe's temporary names carry the fetching pid
+
+
+def _tmp_suffix() -> str:
+    """The temporary-file suffix of one fetch: its pid (for _TMP_OWNER) and a random tag (threads share a pid)."""
+    return f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
 def _data_error(message: str) -> Exception:
@@ -357,21 +363,16 @@ def fetch_pipe(url: str, cache_dir: str | Path, timeout_s: float | None = DEFAUL
     try:
         if final.is_file():  # another process fetched it while we waited
             return final
-        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp_tar = final.with_name(f"{final.name}.{tag}.tmp")
-        tmp_index = final.with_name(f"{index_path(final).name}.{tag}.tmp")
-        try:
+        tmp_suffix = _tmp_suffix()
+        with atomic_path(final, tmp_suffix=tmp_suffix) as tmp_tar:
             run_to_file(src.command, tmp_tar, timeout_s, stall_timeout_s, cancel, max_bytes)
             if tmp_tar.stat().st_size == 0:
                 raise _data_error(f"{shown}: the command wrote nothing to stdout")
-            _fetch_index(src, tmp_tar, tmp_index, timeout_s, stall_timeout_s, cancel, max_bytes)
-            # the index gets its final name first, so a tar under its final name always has its index (which
-            # records the tar's size and fingerprint: load_or_build_index checks those, not modification times)
-            os.replace(tmp_index, index_path(final))
-            os.replace(tmp_tar, final)
-        finally:
-            tmp_tar.unlink(missing_ok=True)
-            tmp_index.unlink(missing_ok=True)
+            # the index gets its final name first (this inner block), so a tar under its final name always has
+            # its index (which records the tar's size and fingerprint: load_or_build_index checks those, not
+            # modification times)
+            with atomic_path(index_path(final), tmp_suffix=tmp_suffix) as tmp_index:
+                _fetch_index(src, tmp_tar, tmp_index, timeout_s, stall_timeout_s, cancel, max_bytes)
         return final
     finally:
         os.close(lock_fd)  # releases the lock
@@ -426,19 +427,17 @@ def fetch_pipe_index(url: str, cache_dir: str | Path, timeout_s: float | None = 
     try:
         if index_path(final).is_file():
             return final
-        tmp_index = final.with_name(f"{index_path(final).name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         try:
-            run_to_file(command, tmp_index, timeout_s, stall_timeout_s, cancel, max_bytes)
-            rows = pq.read_table(tmp_index, schema=INDEX_SCHEMA).num_rows
+            with atomic_path(index_path(final), tmp_suffix=_tmp_suffix()) as tmp_index:
+                run_to_file(command, tmp_index, timeout_s, stall_timeout_s, cancel, max_bytes)
+                if pq.read_table(tmp_index, schema=INDEX_SCHEMA).num_rows == 0:
+                    raise ValueError("an empty index")  # not kept: the whole tar is fetched instead
+            return final
         except Exception:  # noqa: BLE001 - no usable remote index: the whole tar, which builds one
-            tmp_index.unlink(missing_ok=True)
-            rows = 0
-        if rows == 0:
-            os.close(lock_fd)
-            lock_fd = None
-            return fetch_pipe(url, cache_dir, timeout_s, stall_timeout_s, cancel, max_bytes)
-        os.replace(tmp_index, index_path(final))
-        return final
+            pass
+        os.close(lock_fd)
+        lock_fd = None
+        return fetch_pipe(url, cache_dir, timeout_s, stall_timeout_s, cancel, max_bytes)
     finally:
         if lock_fd is not None:
             os.close(lock_fd)

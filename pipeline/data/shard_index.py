@@ -29,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.atomic_write import write_atomic
 from pipeline.data.errors import DataError
 
 INDEX_SCHEMA = pa.schema([
@@ -126,9 +127,7 @@ def with_tar_metadata(table: pa.Table, scanned: pa.Table) -> pa.Table:
 
 
 def write_index(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def read_index(path: str | Path) -> pa.Table:
@@ -201,12 +200,11 @@ def load_or_build_index(tar_path: str | Path) -> pa.Table:
             return table
     table = scan_tar(tar_path)
     # ranks and loader workers may rebuild the same index at once: each writes its own temporary file
-    tmp = ip.with_name(f"{ip.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, ip)
+        write_atomic(ip, lambda tmp: pq.write_table(table, tmp),
+                     tmp_suffix=f".{os.getpid()}-{threading.get_ident()}.tmp")
     except OSError:
-        tmp.unlink(missing_ok=True)  # read-only dataset: keep the index in memory only
+        pass  # read-only dataset: keep the index in memory only
     return table
 
 

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.atomic_write import write_atomic
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 RANK_FILE = re.compile(r"^rank_(\d{5})\.pt$")
 UNIVERSAL = "universal"  # the converted copy inside a checkpoint directory
@@ -180,15 +182,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_yaml: str, keep_last: int,
                     write_extra=None) -> Path:
     """Collective: every rank calls it. Returns the final directory. `write_extra(directory)` writes more files
@@ -212,7 +205,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, config_ya
         if final.exists():  # the same step saved before (e.g. a rerun of a finished job): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_atomic(root / "latest", final.name)
+        write_atomic(root / "latest", final.name, fsync=True)
         for old in complete_checkpoints(root)[:-keep_last]:
             if old != final:  # higher steps of an older run (a resume from an earlier step) never push it out
                 shutil.rmtree(old, ignore_errors=True)
@@ -280,7 +273,7 @@ def universal_checkpoint(path: str | Path) -> Path:
             os.replace(partial, out)
         except Exception as e:
             try:  # tell the waiting ranks (a read-only checkpoint directory cannot take the marker either)
-                _write_atomic(failed, f"{type(e).__name__}: {e}")
+                write_atomic(failed, f"{type(e).__name__}: {e}", fsync=True)
             except OSError:
                 pass
             raise

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pipeline.atomic_write import write_atomic
+
 
 def _numbers(record: dict) -> dict:
     return {k: v for k, v in record.items()
@@ -30,7 +32,7 @@ def _truncate_after(path: Path, step: int) -> None:
         return
     print(f"{path}: {len(lines) - len(kept)} records after step {step} dropped (the run continues from "
           f"step {step} and writes them again)", flush=True)
-    path.write_text("".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))  # a kill mid-rewrite keeps the old file
 
 
 class JsonlSink:

@@ -10,8 +10,8 @@ from conftest import CaptionDecoder
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
                                   FetchSpec, batch_position, epoch_length, epoch_order,
                                   expand_shards, expand_sources, local_shards, make_train_loader, parse_weights)
-from pipeline.data.shard_writer import ShardWriter
 from pipeline.models.clip import create_clip
+from pipeline.shard.writer import ShardWriter
 
 
 @pytest.fixture(scope="module")

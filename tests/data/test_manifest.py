@@ -15,7 +15,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.loader import LoaderSpec, ShardBatches, ShardSet, expand_shards
 from pipeline.data.manifest import MANIFEST_NAME, read_manifest
 from pipeline.data.shard_index import index_path
-from pipeline.data.shard_writer import ShardWriter
+from pipeline.shard.writer import ShardWriter
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ from pipeline.data import remote
 from pipeline.data.loader import DataError, ShardSet
 from pipeline.data.remote import PipeSource, fetch_pipe, is_pipe, resolve_sources
 from pipeline.data.shard_index import INDEX_SCHEMA, index_path, scan_tar
-from pipeline.data.shard_writer import ShardWriter
+from pipeline.shard.writer import ShardWriter
 
 
 @pytest.fixture(scope="module")

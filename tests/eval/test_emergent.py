@@ -7,7 +7,7 @@ import torch
 from pipeline.data.image_decode import decode_image
 from pipeline.data.loader import ShardSet, expand_shards, image_member
 from pipeline.data.modalities import AudioTransform, DepthTransform
-from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
+from pipeline.demo_data.multimodal import write_multimodal_demo_dataset
 from pipeline.eval.emergent import evaluate_emergent, format_emergent
 from pipeline.models.imagebind import ImageBindModel, build_imagebind, tiny_config
 
@@ -62,7 +62,7 @@ def test_perfect_binding_scores_perfectly(setup):
 
 
 def test_paired_set_without_captions_is_scored_without_caption_retrieval(setup, tmp_path):
-    from pipeline.data.shard_writer import ShardWriter
+    from pipeline.shard.writer import ShardWriter
 
     paths, model, eval_tf, tokenizer = setup
     shards = ShardSet(expand_shards(paths["val"]))

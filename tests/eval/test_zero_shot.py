@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 from conftest import DEMO_CONFIG, run_pipeline
 from pipeline.config import ConfigError
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.shard_writer import ShardWriter
 from pipeline.eval.class_prompts import load_class_prompts
 from pipeline.eval.retrieval import recall_at_k, recall_hits
 from pipeline.eval.zero_shot import evaluate
+from pipeline.shard.writer import ShardWriter
 
 N_SAMPLES = 1000
 TINY_CLIP = {"embed_dim": 32,

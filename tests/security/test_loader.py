@@ -29,8 +29,8 @@ from pipeline.data.loader import (FetchSpec, ImageLabelDecoder, ImageTextBatches
 from pipeline.data.manifest import MANIFEST_NAME
 from pipeline.data.remote import PipeSource, fetch_pipe, resolve_sources
 from pipeline.data.shard_index import index_path, load_or_build_index, scan_tar
-from pipeline.data.shard_writer import ShardWriter
 from pipeline.models.clip import create_clip
+from pipeline.shard.writer import ShardWriter
 from pipeline.train.loop import BadSampleBudget
 
 

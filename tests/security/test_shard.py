@@ -17,8 +17,9 @@ from PIL import Image
 
 from pipeline.__main__ import main
 from pipeline.data.loader import ShardSet, expand_shards
-from pipeline.data.shard import ShardOptions, run_shard
 from pipeline.data.shard_index import index_path, load_or_build_index
+from pipeline.shard.options import ShardOptions
+from pipeline.shard.run import run_shard
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import RunConfig, resolve_batch
-from pipeline.data.multimodal_demo import render_multimodal_sample
+from pipeline.demo_data.multimodal import render_multimodal_sample
 from pipeline.tasks.imagebind import ImageBindTask
 from pipeline.train.distributed import init_process_group, read_dist_env
 from pipeline.train.engine import build_engine

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import REPO, run_pipeline
 
-from pipeline.data.multimodal_demo import DISJOINT_MODALITIES, write_disjoint_demo_datasets
+from pipeline.demo_data.multimodal import DISJOINT_MODALITIES, write_disjoint_demo_datasets
 from pipeline.train.metrics import read_metrics
 
 CONFIG = REPO / "configs/demo/imagebind_disjoint.yaml"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import REPO, run_pipeline
 
-from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
+from pipeline.demo_data.multimodal import write_multimodal_demo_dataset
 from pipeline.models.clip import create_clip
 from pipeline.train.metrics import read_metrics
 
@@ -53,7 +53,7 @@ def test_two_modalities_bind_on_two_ranks_with_towers_bitwise_frozen(multimodal_
 def test_decoder_keeps_each_samples_own_modalities_and_their_rows():
     from pipeline.config import RunConfig
     from pipeline.data.errors import BadSample
-    from pipeline.data.multimodal_demo import render_paired_sample
+    from pipeline.demo_data.multimodal import render_paired_sample
     from pipeline.tasks.imagebind import ImageBindTask
 
     cfg = RunConfig(task="imagebind")

@@ -38,7 +38,7 @@ def _losses(out):
 
 @pytest.fixture(scope="module")
 def one_batch(tmp_path_factory):
-    from pipeline.data.demo_dataset import write_demo_dataset
+    from pipeline.demo_data.shapes import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("one_batch"), train_samples=32, val_samples=32,
                               samples_per_shard=32)

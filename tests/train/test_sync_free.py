@@ -25,7 +25,7 @@ TASKS = {  # config, extra overrides
 
 @pytest.fixture(scope="module")
 def multimodal_data(tmp_path_factory):
-    from pipeline.data.multimodal_demo import write_multimodal_demo_dataset
+    from pipeline.demo_data.multimodal import write_multimodal_demo_dataset
 
     return write_multimodal_demo_dataset(tmp_path_factory.mktemp("mm"), train_samples=256, val_samples=64,
                                          samples_per_shard=100)

@@ -1,6 +1,6 @@
 """The demo dataset with two more modalities per sample, for ImageBind-style binding.
 
-Every sample of `pipeline.data.demo_dataset` (same picture, caption and class for the same (seed, split,
+Every sample of `pipeline.demo_data.shapes` (same picture, caption and class for the same (seed, split,
 index)) gets:
 
 - `.wav`: 1 s of 16 kHz mono 16-bit PCM. The pitch follows the colour (8 colours -> fundamentals 250 Hz x
@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.data.demo_dataset import (COLOURS, SHAPES, SIZES, SPLIT_IDS, _shape_polygon, render_sample,
-                                        write_demo_splits)
+from pipeline.demo_data.shapes import (COLOURS, SHAPES, SIZES, SPLIT_IDS, _shape_polygon, render_sample,
+                                      write_demo_splits)
 
 SAMPLE_RATE = 16_000
 AUDIO_SECONDS = 1.0

@@ -23,12 +23,14 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.__main__ import main
-from pipeline.data.image_processing import ImageFailure, ImageSettings, process_image
 from pipeline.data.image_decode import decode_image
 from pipeline.data.loader import ShardSet, decode_caption, expand_shards, image_member
-from pipeline.data.shard import ShardOptions, run_shard, sanitize_key
 from pipeline.data.shard_index import index_path, load_or_build_index
-from pipeline.data.sources import Columns
+from pipeline.shard.images import ImageFailure, ImageSettings, process_image
+from pipeline.shard.options import ShardOptions
+from pipeline.shard.rows import Columns
+from pipeline.shard.run import run_shard
+from pipeline.shard.samples import sanitize_key
 
 REPO = Path(__file__).resolve().parents[2]
 

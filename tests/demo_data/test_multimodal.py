@@ -3,10 +3,10 @@ import json
 import numpy as np
 import webdataset as wds
 
-from pipeline.data.demo_dataset import SIZES, render_sample
 from pipeline.data.loader import ShardSet, expand_shards
 from pipeline.data.modalities import decode_audio, decode_depth, decode_modality
-from pipeline.data.multimodal_demo import BASE_FREQ, render_multimodal_sample, size_of, write_multimodal_demo_dataset
+from pipeline.demo_data.multimodal import BASE_FREQ, render_multimodal_sample, size_of, write_multimodal_demo_dataset
+from pipeline.demo_data.shapes import SIZES, render_sample
 
 
 def test_shards_read_back_with_plain_webdataset(tmp_path):
@@ -52,7 +52,7 @@ def test_audio_pitch_follows_colour_and_depth_raises_the_shape():
 
 
 def test_disjoint_sets_pair_each_picture_with_one_modality(tmp_path):
-    from pipeline.data.multimodal_demo import DISJOINT_MODALITIES, write_disjoint_demo_datasets
+    from pipeline.demo_data.multimodal import DISJOINT_MODALITIES, write_disjoint_demo_datasets
 
     paths = write_disjoint_demo_datasets(tmp_path, train_samples=12, val_samples=5, samples_per_shard=10)
     assert paths["modalities"] == list(DISJOINT_MODALITIES)
@@ -72,9 +72,9 @@ def test_disjoint_sets_pair_each_picture_with_one_modality(tmp_path):
 
 
 def test_thermal_heat_follows_the_colour_and_imu_pace_the_colour_and_corners_the_shape():
-    from pipeline.data.demo_dataset import SHAPES
     from pipeline.data.modalities import decode_imu, decode_thermal
-    from pipeline.data.multimodal_demo import IMU_RATE, render_paired_sample
+    from pipeline.demo_data.multimodal import IMU_RATE, render_paired_sample
+    from pipeline.demo_data.shapes import SHAPES
 
     heat_by_colour, checked_imu = {}, 0
     for i in range(60):

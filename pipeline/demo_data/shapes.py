@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.data.shard_writer import ShardWriter, shard_pattern
+from pipeline.atomic_write import write_atomic
+from pipeline.shard.writer import ShardWriter, shard_pattern
 
 COLOURS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -131,5 +132,5 @@ def write_demo_splits(out_dir: str | Path, manifest_name: str, settings: dict, s
         paths[split] = str(out / split / shard_pattern(split, len(w.shards)))
     (out / "classes.json").write_text(json.dumps({"classes": class_names(), "templates": TEMPLATES}, indent=2))
     paths["classes"] = str(out / "classes.json")
-    manifest.write_text(json.dumps({"settings": settings, "paths": paths}, indent=2))
+    write_atomic(manifest, json.dumps({"settings": settings, "paths": paths}, indent=2))  # never half a marker
     return paths

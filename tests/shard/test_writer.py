@@ -7,7 +7,7 @@ import pytest
 import webdataset as wds
 
 from pipeline.data.shard_index import index_path, scan_tar
-from pipeline.data.shard_writer import ShardWriter
+from pipeline.shard.writer import ShardWriter
 
 
 def _samples(n):
