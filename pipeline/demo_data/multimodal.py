@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.demo_data.shapes import (COLOURS, SHAPES, SIZES, SPLIT_IDS, _shape_polygon, render_sample,
+from pipeline.demo_data.shapes import (COLOURS, SHAPES, SIZES, SPLIT_IDS, shape_polygon, render_sample,
                                       write_demo_splits)
 
 SAMPLE_RATE = 16_000
@@ -184,7 +184,7 @@ def _outline(shape: str, n: int = 256) -> np.ndarray:
     if shape == "square":
         corners = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1)], dtype=np.float64) * 0.85
     else:
-        corners = np.array(_shape_polygon(shape, 0.0, 0.0, 1.0), dtype=np.float64)
+        corners = np.array(shape_polygon(shape, 0.0, 0.0, 1.0), dtype=np.float64)
     closed = np.vstack([corners, corners[:1]])
     seg = np.linalg.norm(np.diff(closed, axis=0), axis=1)
     at = np.linspace(0, seg.sum(), n, endpoint=False)

@@ -47,7 +47,7 @@ def class_names() -> list[str]:
     return [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
 
-def _shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
+def shape_polygon(kind: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if kind == "triangle":
         return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     if kind == "star":
@@ -89,7 +89,7 @@ def render_sample(seed: int, split: str, index: int, image_size: int = 64) -> tu
         h = r * 0.85
         draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=rgb)
     else:
-        draw.polygon(_shape_polygon(shape, cx, cy, r), fill=rgb)
+        draw.polygon(shape_polygon(shape, cx, cy, r), fill=rgb)
     img = img.resize((image_size, image_size), Image.BILINEAR)
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
