@@ -47,8 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.remote import (DEFAULT_MAX_BYTES, PipeSource, ShardCache, is_pipe, resolve_indexes,
-                                  resolve_sources)
+from pipeline.data.remote import DEFAULT_MAX_BYTES, PipeSource, is_pipe, resolve_indexes, resolve_sources
+from pipeline.data.shard_cache import ShardCache
 from pipeline.data.epoch_plan import (RESAMPLED_SHARDS_PER_BLOCK, EpochPlan, epoch_length,  # noqa: F401
                                       epoch_order)
 from pipeline.data.manifest import MANIFEST_NAME, shard_entries

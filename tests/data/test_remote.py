@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data import remote
+from pipeline.data import pipe_command, remote
 from pipeline.data.loader import DataError, ShardSet
 from pipeline.data.remote import PipeSource, fetch_pipe, is_pipe, resolve_sources
 from pipeline.data.shard_index import INDEX_SCHEMA, index_path, scan_tar
@@ -54,7 +54,7 @@ def command_groups(monkeypatch) -> list[int]:
             super().__init__(*args, **kwargs)
             groups.append(self.pid)
 
-    monkeypatch.setattr(remote.subprocess, "Popen", RecordingPopen)
+    monkeypatch.setattr(pipe_command.subprocess, "Popen", RecordingPopen)
     return groups
 
 
@@ -170,7 +170,7 @@ def test_exception_mid_stream_leaves_no_partial_file(shards, tmp_path, monkeypat
         if len(calls) == 1:
             raise RuntimeError("interrupted mid-stream")
 
-    monkeypatch.setattr(remote, "_write", failing_write)
+    monkeypatch.setattr(pipe_command, "_write", failing_write)
     with pytest.raises(RuntimeError, match="interrupted"):
         fetch_pipe(url, cache, timeout_s=30, stall_timeout_s=5)
     assert len(command_groups) == 1 and live_group_members(command_groups[0]) == []

@@ -10,7 +10,7 @@ import pytest
 from conftest import CaptionDecoder
 from pipeline.data.errors import DataError
 from pipeline.data.loader import FetchSpec, LoaderSpec, ShardBatches, ShardSet, expand_shards, make_train_loader
-from pipeline.data.remote import tar_size_bound
+from pipeline.data.shard_cache import tar_size_bound
 from pipeline.data.shard_index import index_path
 from pipeline.shard.writer import ShardWriter
 
