@@ -27,8 +27,9 @@ step apart each: the final `norm` sits with the last block in timm, with the hea
 fine-tuning recipes; SwinV2's patch merging sits with the first block of its stage in timm, with the last
 block of the stage before in Swin / SimMIM fine-tuning. The first would take replacing timm's ViT class's own
 `group_matcher`; the second no regex matcher can express (the merging's id is the previous stage's). Nor does
-timm group a SimMIM wrapper (no `group_matcher`: it falls back to fixed-size chunks of parameter names) or open_clip's own ViT / text towers (not timm models), and it has no
-per-tower alignment of a two-tower model. So the layer ids stay here; they are a few regexes.
+timm group a SimMIM wrapper (no `group_matcher`: it falls back to fixed-size chunks of parameter names) or
+open_clip's own ViT / text towers (not timm models), and it has no per-tower alignment of a two-tower model.
+So the layer ids stay here; they are a few regexes.
 """
 from __future__ import annotations
 
