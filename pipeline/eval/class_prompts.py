@@ -74,9 +74,10 @@ def load_class_prompts(spec: str, key: str = "data.classes") -> ClassPrompts:
 @torch.no_grad()
 def zero_shot_weights(model, tokenizer, prompts: ClassPrompts, device: torch.device,
                       ranks: EvalRanks | None = None) -> torch.Tensor:
-    """(classes, d) float32 classifier: per class, the normalised mean of its normalised prompt embeddings
-    (open_clip's `build_zero_shot_classifier`). Each rank encodes a contiguous slice of the classes; every rank
-    gets all rows."""
+    """(classes, d) float32 classifier: per class, the normalised mean of its normalised prompt embeddings.
+    The rows are open_clip's `build_zero_shot_classifier` (tests/eval/test_zero_shot.py checks the equality);
+    this wrapper only adds what it lacks: spreading the classes over the ranks (each encodes a contiguous slice,
+    so ImageNet's 80,000 prompts cost 1/world_size each) and gathering the rows so that every rank gets all."""
     from open_clip.zero_shot_classifier import build_zero_shot_classifier
 
     ranks = ranks or EvalRanks.current()

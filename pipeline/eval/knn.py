@@ -5,8 +5,9 @@ votes for its class with weight exp(similarity / T); the classes are ranked by t
 A class counts as predicted at rank r when fewer than r classes have strictly more votes and it has a vote.
 
 Linear probe: multinomial logistic regression on the frozen features (standardised with the training mean
-and std), zero-initialised, SGD with momentum and a cosine schedule, L2 weight decay, in float32, mini-batches
-in an order drawn from `seed`: the same inputs give the same result on the same device.
+and std): a zero-initialised nn.Linear trained by torch.optim.SGD with momentum, a cosine schedule and L2 weight
+decay on the weight, in float32, mini-batches in an order drawn from `seed`: the same inputs give the same result
+on the same device.
 """
 from __future__ import annotations
 
@@ -68,32 +69,27 @@ def linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     std = x_train.std(0, keepdim=True).clamp(min=1e-6) if x_train.shape[0] > 1 else torch.ones_like(mean)
     x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
 
-    n, d = x_train.shape
-    weight = torch.zeros(num_classes, d, device=device)
-    bias = torch.zeros(num_classes, device=device)
-    buf_w = buf_b = None
+    n = x_train.shape[0]
+    probe = torch.nn.Linear(x_train.shape[1], num_classes, device=device)
+    torch.nn.init.zeros_(probe.weight)
+    torch.nn.init.zeros_(probe.bias)
     bs = n if batch_size <= 0 else min(batch_size, n)
-    steps_per_epoch = math.ceil(n / bs)
-    total = epochs * steps_per_epoch
+    total = max(1, epochs * math.ceil(n / bs))
+    # torch.optim.SGD with momentum (buf = m * buf + grad; p -= lr * buf), weight decay on the weight only, and a
+    # per-step cosine schedule from LambdaLR; autograd gives the cross-entropy gradient
+    opt = torch.optim.SGD([{"params": [probe.weight], "weight_decay": wd}, {"params": [probe.bias]}],
+                          lr=lr, momentum=momentum)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
     gen = torch.Generator().manual_seed(seed)
-    step = 0
-    # plain tensors and the closed-form gradient of the softmax cross-entropy: no autograd, no torch.optim
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=gen).to(device) if bs < n else torch.arange(n, device=device)
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            x = x_train[idx]
-            g = torch.softmax(x @ weight.T + bias, dim=1)
-            g[torch.arange(len(idx), device=device), y_train[idx]] -= 1.0
-            g /= len(idx)
-            grad_w, grad_b = g.T @ x + wd * weight, g.sum(0)
-            if buf_w is None:  # SGD with momentum as torch.optim.SGD: buf = m * buf + grad, p -= lr * buf
-                buf_w, buf_b = grad_w, grad_b
-            else:
-                buf_w, buf_b = momentum * buf_w + grad_w, momentum * buf_b + grad_b
-            step_lr = lr * 0.5 * (1 + math.cos(math.pi * step / total))
-            weight, bias = weight - step_lr * buf_w, bias - step_lr * buf_b
-            step += 1
+    with torch.enable_grad():
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=gen).to(device) if bs < n else torch.arange(n, device=device)
+            for idx in order.split(bs):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(probe(x_train[idx]), y_train[idx]).backward()
+                opt.step()
+                sched.step()
+    weight, bias = probe.weight.detach(), probe.bias.detach()
     test_hits = _topk_hits(x_test @ weight.T + bias, y_test, (1, 5))
     train_hits = _topk_hits(x_train @ weight.T + bias, y_train, (1,))
     result = {"top1": test_hits[1].float().mean().item(), "top5": test_hits[5].float().mean().item(),

@@ -20,6 +20,16 @@ Weight decay is off for 1-d parameters (norms, biases, logit scales reshaped to 
 
 The groups carry their final "lr" (base_lr x lr_scale), so the trainer's LambdaLR warmup/cosine multiplies
 each group's own rate; "lr_scale" and "layer_id" are informational.
+
+Why not timm's `timm.optim.param_groups_layer_decay` (the models' `group_matcher`): measured parameter by
+parameter (tests/train/test_layer_decay_vs_timm.py), timm's groups match ours except in two places, one decay
+step apart each: the final `norm` sits with the last block in timm, with the head in the MAE / BEiT / SimMIM
+fine-tuning recipes; SwinV2's patch merging sits with the first block of its stage in timm, with the last
+block of the stage before in Swin / SimMIM fine-tuning. The first would take replacing timm's ViT class's own
+`group_matcher`; the second no regex matcher can express (the merging's id is the previous stage's). Nor does
+timm group a SimMIM wrapper (no `group_matcher`: it falls back to fixed-size chunks of parameter names) or
+open_clip's own ViT / text towers (not timm models), and it has no per-tower alignment of a two-tower model.
+So the layer ids stay here; they are a few regexes.
 """
 from __future__ import annotations
 

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from conftest import DEMO_CONFIG, run_pipeline
 from pipeline.config import ConfigError
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.eval.class_prompts import load_class_prompts
+from pipeline.eval.class_prompts import ClassPrompts, load_class_prompts, zero_shot_weights
+from pipeline.eval.ranks import EvalRanks
 from pipeline.eval.retrieval import recall_at_k, recall_hits
 from pipeline.eval.zero_shot import evaluate
 from pipeline.shard.writer import ShardWriter
@@ -197,3 +198,29 @@ def test_bad_classes_stop_train_and_eval_with_one_line(tiny_clip, demo_data, tmp
     assert proc.stderr.strip().splitlines() == ["error: data.classes: file not found: imagenet.json (give 'imagenet', "
                                                 "a JSON list of class names, or a JSON {\"classes\": [...], "
                                                 "\"templates\": [...]})"]
+
+
+class _LocalShare(EvalRanks):
+    """One rank's view without a process group: gather_rows returns this rank's own rows."""
+
+    def gather_rows(self, rows):
+        return rows
+
+
+@pytest.mark.parametrize("templates", ["OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES"])
+def test_zero_shot_weights_are_open_clips_classifier_split_over_ranks(tiny_clip, templates):
+    """zero_shot_weights is open_clip's build_zero_shot_classifier (transposed to (classes, d), float32) on one
+    process; the rank shares (3 ranks over 25 classes: 8 / 8 / 9) stacked in rank order give the same rows."""
+    import open_clip.zero_shot_metadata as meta
+    from open_clip import build_zero_shot_classifier
+
+    _, model, _, tokenizer = tiny_clip
+    prompts = ClassPrompts(meta.IMAGENET_CLASSNAMES[:25], getattr(meta, templates))
+    reference = build_zero_shot_classifier(model, tokenizer, prompts.classes, prompts.templates,
+                                           num_classes_per_batch=None).T
+    one = zero_shot_weights(model, tokenizer, prompts, torch.device("cpu"), EvalRanks())
+    assert one.dtype == torch.float32 and one.shape == (25, 32)
+    torch.testing.assert_close(one, reference, rtol=0, atol=1e-6)
+    shares = [zero_shot_weights(model, tokenizer, prompts, torch.device("cpu"), _LocalShare(r, 3)) for r in range(3)]
+    assert [len(s) for s in shares] == [8, 8, 9]
+    torch.testing.assert_close(torch.cat(shares), reference, rtol=0, atol=1e-6)
