@@ -686,7 +686,7 @@ if triton is not None:
 
     # ------------------------------------------------------------------------------------------- tuning
     def _configs(metas: list[dict], stages: list[int], capped: list[dict] = ()) -> list:
-        """Autotune configurations; exactly one under the interpreter (DESIGN.md kernel habits). Always 4 warps:
+        """Autotune configurations; exactly one under the interpreter (it runs each config in Python: a sweep there only costs time). Always 4 warps:
         a 64-row tile is one Hopper warp group (with 8 warps the MMA layout replicates it; with 2, the fused
         backward spills, per ptxas for sm_90). num_stages 2 prefetches the next window (the window loops have
         no branch in their body) or the next key block. `capped`: the same with registers capped at 128 (the
