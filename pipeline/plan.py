@@ -41,7 +41,7 @@ activation of one layer).
 FLOPs per sample are the trainer's own (pipeline.models.clip.clip_step_flops: each tower's forward counted by
 torch's FlopCounterMode on the meta device, x3 for forward and backward, x1 for a tower locked by
 model.lock_image / lock_text; pipeline/train/flops.py); a step of G samples on W GPUs takes G * FLOPs / (W * MFU *
-peak), peak by default the H100's dense bf16 figure from pipeline.train.flops.DEVICE_PEAK_TFLOPS. MFU counts model FLOPs, so the forward recomputed under activation checkpointing is part of what a given
+peak), peak by default the H100's dense bf16 figure from pipeline.train.device_peak.DEVICE_PEAK_TFLOPS. MFU counts model FLOPs, so the forward recomputed under activation checkpointing is part of what a given
 MFU has to absorb. With train.grad_accum > 1 every sample is encoded once more without a graph (the cached
 features that keep the global batch's negatives): a third of a forward + backward more, counted in the step time.
 
@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import RunConfig, resolve_batch
-from pipeline.train.flops import PLAN_PEAK_TFLOPS
+from pipeline.train.device_peak import PLAN_PEAK_TFLOPS
 
 GiB = 1024**3
 ACCUM_FORWARD_FACTOR = 4 / 3  # forward + backward (3 forwards' worth) + the forward without graph

@@ -1,4 +1,4 @@
-"""The two halves of MFU: the FLOPs of one sample in a training step, and the device's peak.
+"""FLOPs of one sample in a training step: what MFU divides by the device's peak (pipeline/train/device_peak.py).
 
 One way to count. Every task's `flops_per_sample`, `python -m pipeline plan` and the bench scripts count with
 `forward_flops`: torch's FlopCounterMode over the task's own model, run on the meta device (the model's
@@ -21,9 +21,6 @@ From a forward to a training step (`step_flops`), per part of the model (a tower
   - the loss is not counted: a contrastive loss over a global batch G of D-dimensional features costs ~6 x G x D
     FLOPs per pair (2 x G x D for the logits, twice that backward), e.g. 0.2 GFLOP at G = 32k, D = 512, under
     0.5% of a ViT-B/16 pair's ~120 GFLOP; a batch of one sample therefore suffices.
-
-One peak table, `DEVICE_PEAK_TFLOPS` (dense bf16, datasheet), for the trainer's MFU, plan's default and the
-bench scripts.
 """
 from __future__ import annotations
 
@@ -32,24 +29,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-# Dense (no sparsity) bf16 tensor-core TFLOP/s per GPU from NVIDIA's datasheets: H100 SXM5 and H200 SXM 989.4,
-# A100 SXM/PCIe 312, L40S 362.05. Matched as substrings of torch.cuda.get_device_name().
-DEVICE_PEAK_TFLOPS: dict[str, float] = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
-# What `plan` assumes without --peak-tflops: the GPU its ZeRO / memory defaults (80 GiB) describe.
-PLAN_DEVICE = "H100"
-PLAN_PEAK_TFLOPS = DEVICE_PEAK_TFLOPS[PLAN_DEVICE]
-
 TRAINABLE_FACTOR = 3  # forward + backward (input and weight gradients): see the module docstring
 FROZEN_FACTOR = 1  # forward only
-
-
-def peak_tflops_of(device_name: str) -> tuple[float, str]:
-    """(dense bf16 TFLOP/s, the table's key) for a device name such as 'NVIDIA H100 80GB HBM3'; (0.0, '') when
-    the table has no entry (no MFU is reported then)."""
-    for key, value in DEVICE_PEAK_TFLOPS.items():
-        if key in device_name:
-            return value, key
-    return 0.0, ""
 
 
 class _Call(nn.Module):
