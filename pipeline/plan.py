@@ -41,8 +41,8 @@ activation of one layer).
 FLOPs per sample are the trainer's own (pipeline.models.clip.clip_step_flops: each tower's forward counted by
 torch's FlopCounterMode on the meta device, x3 for forward and backward, x1 for a tower locked by
 model.lock_image / lock_text; pipeline/train/flops.py); a step of G samples on W GPUs takes G * FLOPs / (W * MFU *
-peak), peak by default the H100's dense bf16 figure from pipeline.train.device_peak.DEVICE_PEAK_TFLOPS. MFU counts model FLOPs, so the forward recomputed under activation checkpointing is part of what a given
-MFU has to absorb. With train.grad_accum > 1 every sample is encoded once more without a graph (the cached
+peak), the peak by default the H100's dense bf16 figure (pipeline/train/device_peak.py). MFU counts model FLOPs,
+so the forward recomputed under activation checkpointing is part of what a given MFU has to absorb. With train.grad_accum > 1 every sample is encoded once more without a graph (the cached
 features that keep the global batch's negatives): a third of a forward + backward more, counted in the step time.
 
 Negatives: every pair is scored against all G - 1 other pairs of the global batch (all ranks, all micro-steps).
@@ -279,8 +279,9 @@ def _embed_dim(model: torch.nn.Module) -> int:
 
 # ---- the plan ---------------------------------------------------------------------------------------------
 
-def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0.4, peak_tflops: float = PLAN_PEAK_TFLOPS,
-             overhead_gb: float = 4.0, fused_attention: bool = True, model: torch.nn.Module | None = None) -> Plan:
+def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0.4,
+             peak_tflops: float = PLAN_PEAK_TFLOPS, overhead_gb: float = 4.0, fused_attention: bool = True,
+             model: torch.nn.Module | None = None) -> Plan:
     """Memory per rank at ZeRO 0-3 with and without activation checkpointing, and the step time at `mfu`, for
     `cfg` on `gpus` data-parallel ranks with `gpu_mem_gb` GiB each. Raises ConfigError when the batch does not
     divide across the ranks, ValueError on bad arguments."""

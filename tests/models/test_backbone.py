@@ -60,8 +60,8 @@ def test_vit_h14_forward_flops_by_hand(vit_h):
     images = torch.empty(1, 3, 224, 224, device="meta")
     assert forward_flops(vit_h[0], images) == pytest.approx(2 * macs + 2 * d * 1000, rel=1e-3)  # 334.6 GFLOPs + head
     demo = create_backbone("demo_vit")  # a real (CPU) model: counted with its tensors swapped for meta ones
-    assert forward_flops(demo, torch.empty(1, 3, 64, 64, device="meta")) == pytest.approx(2 * (4 * (12 * 128 * 128 * 65 + 2 * 65 * 65 * 128)
-                                                           + 192 * 128 * 64 + 128 * 40), rel=1e-3)
+    assert forward_flops(demo, torch.empty(1, 3, 64, 64, device="meta")) == pytest.approx(
+        2 * (4 * (12 * 128 * 128 * 65 + 2 * 65 * 65 * 128) + 192 * 128 * 64 + 128 * 40), rel=1e-3)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
