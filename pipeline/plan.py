@@ -42,8 +42,9 @@ FLOPs per sample are the trainer's own (pipeline.models.clip.clip_step_flops: ea
 torch's FlopCounterMode on the meta device, x3 for forward and backward, x1 for a tower locked by
 model.lock_image / lock_text; pipeline/train/flops.py); a step of G samples on W GPUs takes G * FLOPs / (W * MFU *
 peak), the peak by default the H100's dense bf16 figure (pipeline/train/device_peak.py). MFU counts model FLOPs,
-so the forward recomputed under activation checkpointing is part of what a given MFU has to absorb. With train.grad_accum > 1 every sample is encoded once more without a graph (the cached
-features that keep the global batch's negatives): a third of a forward + backward more, counted in the step time.
+so the forward recomputed under activation checkpointing is part of what a given MFU has to absorb. With
+train.grad_accum > 1 every sample is encoded once more without a graph (the cached features that keep the global
+batch's negatives): a third of a forward + backward more, counted in the step time.
 
 Negatives: every pair is scored against all G - 1 other pairs of the global batch (all ranks, all micro-steps).
 """
@@ -135,18 +136,13 @@ class Plan:
 # ---- the model on the meta device -------------------------------------------------------------------------
 
 def meta_model(name: str, loss: str = "clip", patch_dropout: float = 0.0) -> torch.nn.Module:
-    """open_clip's model for `name` with every tensor on the meta device (shapes only)."""
-    import open_clip
+    """open_clip's model for `name` with every tensor on the meta device (shapes only), as create_clip builds
+    it (our SwinV2 trunk at the tower's image size; FLIP's patch dropout)."""
+    from pipeline.models.clip import build_open_clip, swap_swinv2_trunk
 
-    from pipeline.models.clip import (_patch_dropout_kwargs, check_model_name, loss_init, register_model_configs,
-                                      swap_swinv2_trunk)
-
-    check_model_name(name)
-    register_model_configs()
+    model = build_open_clip(name, loss, patch_dropout, device="meta")
     with torch.device("meta"):
-        model = open_clip.create_model(name, pretrained=None, device="meta", **loss_init(loss),
-                                       **_patch_dropout_kwargs(patch_dropout))
-        swap_swinv2_trunk(model)  # as create_clip does: our SwinV2 trunk, at the tower's image size
+        swap_swinv2_trunk(model)
     return model
 
 

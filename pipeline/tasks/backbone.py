@@ -60,8 +60,8 @@ class _BackboneTask:
                                                   **({"crop_pct": a.eval_crop_pct} if a.eval_crop_pct else {}))
 
     def _step_flops(self, *inputs: torch.Tensor) -> int:
-        """FLOPs per image of a training step of self.model on `inputs` (meta tensors of one image) after the
-        image (pipeline/train/flops.py)."""
+        """FLOPs per image of a training step of self.model (pipeline/train/flops.py), called on one image and
+        `inputs` (meta tensors, e.g. SimMIM's mask)."""
         info = backbone_info(self.backbone)
         images = torch.empty(1, info.in_chans, *info.img_size, device="meta")
         return step_flops(forward_flops(self.model, images, *inputs), trains(self.model.parameters()))

@@ -143,3 +143,15 @@ def test_one_peak_table():
     assert peak_tflops_of("NVIDIA A100-SXM4-40GB") == (312.0, "A100")
     assert peak_tflops_of("cpu") == (0.0, "")
     assert PLAN_PEAK_TFLOPS == DEVICE_PEAK_TFLOPS["H100"]
+
+
+@pytest.mark.parametrize("config, overrides", [
+    ("demo/clip_tiny.yaml", ["model.lock_image=true", "model.patch_dropout=0.5"]),
+    ("demo/clip_swinv2_tiny.yaml", []),  # plan counted timm's trunk at 256 px (42.4 GFLOP) before issue 19
+])
+def test_plan_counts_what_the_trainer_counts(config, overrides):
+    from pipeline.plan import plan_run
+    from pipeline.tasks import build_task
+
+    cfg = load_config(REPO / "configs" / config, overrides)
+    assert plan_run(cfg, 1).flops_per_sample == build_task(cfg).flops_per_sample
