@@ -16,7 +16,7 @@ What it does:
      checkpointing, a log record every step) for --warmup-steps + --steps steps, and stops the trainer once
      the last step is logged (the loop would then write a 16 GB checkpoint);
   4. reports MFU over the timed steps (samples x FLOPs per pair / seconds / device peak, FLOPs by
-     pipeline.models.clip.clip_flops_per_sample, as plan and the trainer count them), the measured peak memory
+     pipeline.models.clip.clip_step_flops, as plan and the trainer count them), the measured peak memory
      (max `peak_mem_gib` of metrics.jsonl: torch.cuda.max_memory_allocated) and the device memory in use
      (nvidia-smi, polled each second) beside plan's prediction, and the ratios.
 
@@ -70,7 +70,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "prefetched batches of thousands of images in shared memory)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="device peak for MFU (default: the GPU's dense bf16 datasheet figure, "
-                        "pipeline.train.loop.PEAK_BF16_TFLOPS)")
+                        "pipeline.train.device_peak.DEVICE_PEAK_TFLOPS)")
     p.add_argument("--oom-retry", type=float, default=0.75,
                    help="if the run runs out of memory, run once more at this fraction of the micro-batch "
                         "(default 0.75; 0: no retry); the report keeps both")
@@ -115,9 +115,10 @@ def make_plan(a: argparse.Namespace, overrides: list[str], mem_gib: float, peak:
     from pipeline.config import ConfigError
     from pipeline.models.clip import ModelNameError
     from pipeline.plan import plan_run
+    from pipeline.train.device_peak import PLAN_PEAK_TFLOPS
 
     try:
-        return plan_run(load(a.config, overrides), 1, gpu_mem_gb=mem_gib, peak_tflops=peak or 989.0,
+        return plan_run(load(a.config, overrides), 1, gpu_mem_gb=mem_gib, peak_tflops=peak or PLAN_PEAK_TFLOPS,
                         overhead_gb=a.overhead_gb)
     except (ConfigError, ModelNameError, ValueError) as e:
         raise BenchError(f"plan: {e}") from None
@@ -153,7 +154,9 @@ def plan_command(a: argparse.Namespace, mem_gib: float, peak: float, extra: list
     cmd = ["python", "-m", "pipeline", "plan", "--config", a.config, "--gpus", "1", "--gpu-mem-gb", f"{mem_gib:g}"]
     if a.overhead_gb != 4.0:
         cmd += ["--overhead-gb", f"{a.overhead_gb:g}"]
-    if peak and peak != 989.0:
+    from pipeline.train.device_peak import PLAN_PEAK_TFLOPS
+
+    if peak and peak != PLAN_PEAK_TFLOPS:  # plan's default
         cmd += ["--peak-tflops", f"{peak:g}"]
     return cmd + a.overrides + extra
 
@@ -339,7 +342,7 @@ Rerun from the repository root on a GPU machine:
 - Micro-batch: {ctx['batch_why']}. Plan on 1 GPU of {ctx['mem_gib']:.1f} GiB (`{shlex.join(plan_command(a, ctx['mem_gib'], ctx['peak'], []))}`): at the config's ZeRO-{stage.stage}, the largest micro-batch is {stage.max_micro_batch_ckpt:,} with activation checkpointing and {stage.max_micro_batch_full:,} without
 - Data: `{tvo.relative(ctx['shards']['pattern'])}` ({ctx['shards']['samples']:,} rendered demo images at {ctx['shards']['settings']['image_size']} px, the shards of bench/train_vs_open_clip.py); loader workers: {a.workers}
 - {a.warmup_steps} warm-up + {a.steps} timed steps, train.grad_accum=1, a metrics record per step; the trainer is stopped once the last step is logged (no final checkpoint)
-- FLOPs per image-text pair: {ctx['flops'] / 1e9:,.1f} GFLOP forward + backward (`pipeline.models.clip.clip_flops_per_sample`, as plan and the trainer count: 6 x matmul parameters x tokens + attention scores; the forward recomputed by activation checkpointing is not counted, so it is part of what MFU absorbs). Peak: {peak_text}
+- FLOPs per image-text pair: {ctx['flops'] / 1e9:,.1f} GFLOP forward + backward (`pipeline.models.clip.clip_step_flops`, as plan and the trainer count: each tower's forward counted by torch's FlopCounterMode on the meta device, x3 for forward + backward, pipeline/train/flops.py; the forward recomputed by activation checkpointing is not counted, so it is part of what MFU absorbs). Peak: {peak_text}
 
 ## Result
 
@@ -372,7 +375,7 @@ def main(argv: list[str]) -> int:
         mem_gib = a.gpu_mem_gb or dev["total_memory"] / GiB
         device = f"{dev['name']} ({dev['total_memory'] / GiB:.1f} GiB, `torch.cuda.get_device_properties`)"
         if not peak:
-            peak, source = tvo.datasheet_peak(dev["name"], dev.get("peak_table", {}))
+            peak, source = tvo.datasheet_peak(dev["name"])
     else:
         mem_gib, device = a.gpu_mem_gb, "CPU (no GPU: an orchestration check; memory figures are n/a)"
     plan = make_plan(a, a.overrides, mem_gib, peak)

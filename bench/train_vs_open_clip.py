@@ -27,8 +27,8 @@ included):
      256, one GPU, 12 loader workers each, back to back: ours, open_clip_train, open_clip_train --torchcompile,
      ours with train.compile=true (--variants), each under its own --timeout;
   4. reports per variant the median samples/s over 10-step windows after the warm-up, the spread of the
-     windows (min / p10 / p90 / max), MFU by one FLOP count for both (pipeline.models.clip.clip_flops_per_sample
-     against the device's dense bf16 peak), peak GPU memory (torch.cuda.max_memory_allocated on both sides) and
+     windows (min / p10 / p90 / max), MFU by one FLOP count for both (pipeline.models.clip.clip_step_flops,
+     the trainer's and plan's, against the device's dense bf16 peak of pipeline.train.device_peak), peak GPU memory (torch.cuda.max_memory_allocated on both sides) and
      wall time. The report is rewritten after every run, so a later timeout loses no finished run.
   `--render-only` writes the shards and exits (bench/mfu_big_model.py reads the same ones).
 
@@ -190,7 +190,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "webdataset 0.2.86 and pandas)")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="device peak for MFU (default: the GPU's dense bf16 datasheet figure from "
-                        "pipeline.train.loop.PEAK_BF16_TFLOPS; none on a CPU)")
+                        "pipeline.train.device_peak.DEVICE_PEAK_TFLOPS; none on a CPU)")
     p.add_argument("--venv", type=Path,
                    default=Path(os.environ.get("OPEN_CLIP_TRAIN_VENV", REPO / "runs" / "venv-open_clip_train")),
                    help="open_clip_train's virtual environment, created if missing "
@@ -863,17 +863,12 @@ if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     out.update(name=torch.cuda.get_device_name(0), total_memory=p.total_memory, count=torch.cuda.device_count(),
                capability=list(torch.cuda.get_device_capability(0)))
-    try:
-        from pipeline.train.loop import PEAK_BF16_TFLOPS
-        out["peak_table"] = PEAK_BF16_TFLOPS
-    except Exception as e:
-        out["peak_table_error"] = f"{type(e).__name__}: {e}"
 print(json.dumps(out))
 """
 
 
 def cuda_device_info(env: dict) -> dict:
-    """{"name", "total_memory" (bytes), "count", "capability", "cuda", "peak_table"} of GPU 0, from a child
+    """{"name", "total_memory" (bytes), "count", "capability", "cuda"} of GPU 0, from a child
     process; BenchError when torch sees no GPU."""
     try:
         out = subprocess.run([sys.executable, "-c", DEVICE_PROBE], capture_output=True, text=True, check=True,
@@ -887,20 +882,22 @@ def cuda_device_info(env: dict) -> dict:
     return info
 
 
-def datasheet_peak(name: str, table: dict) -> tuple[float, str]:
-    """(dense bf16 TFLOP/s, which entry) for a device name, from pipeline.train.loop.PEAK_BF16_TFLOPS."""
-    for key, value in table.items():
-        if key in name:
-            return float(value), f"{key} dense bf16 datasheet figure (pipeline.train.loop.PEAK_BF16_TFLOPS)"
-    return 0.0, ""
+def datasheet_peak(name: str) -> tuple[float, str]:
+    """(dense bf16 TFLOP/s, where it comes from) for a device name: the trainer's table,
+    pipeline.train.device_peak.DEVICE_PEAK_TFLOPS; (0, "") when it has no entry."""
+    from pipeline.train.device_peak import peak_tflops_of
+
+    value, key = peak_tflops_of(name)
+    return (value, f"{key} dense bf16 datasheet figure (pipeline.train.device_peak.DEVICE_PEAK_TFLOPS)") if key \
+        else (0.0, "")
 
 
 def model_flops(name: str) -> tuple[float, int, int]:
     """(forward + backward FLOPs per image-text pair, image size, context length) of open_clip model `name` by
-    pipeline.models.clip.clip_flops_per_sample, the count our trainer's MFU uses; built on the meta device."""
+    pipeline.models.clip.clip_step_flops, the count our trainer's MFU uses; built on the meta device."""
     import open_clip
 
-    from pipeline.models.clip import ModelNameError, clip_flops_per_sample
+    from pipeline.models.clip import ModelNameError, clip_step_flops
     from pipeline.plan import image_size, meta_model
 
     try:
@@ -908,7 +905,7 @@ def model_flops(name: str) -> tuple[float, int, int]:
     except ModelNameError as e:
         raise BenchError(str(e)) from None
     size, context = image_size(model), open_clip.get_tokenizer(name).context_length
-    return float(clip_flops_per_sample(model, size, context)), size, int(context)
+    return float(clip_step_flops(model)), size, int(context)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -1044,7 +1041,7 @@ Rerun from the repository root (open_clip_train needs webdataset < 0.2.96 on thi
 
 {best_line}
 
-Median samples/s over windows of {args.log_every} steps after {args.warmup_steps} warm-up steps ({args.steps // args.log_every} windows per run, {args.repeats} run(s) per variant); a ratio above 1 means our trainer is faster. Spread: the lowest, 10th and 90th percentile and highest window. ms/step = batch / median samples/s. MFU = samples/s x {ctx.flops / 1e9:.2f} GFLOP per image-text pair (`pipeline.models.clip.clip_flops_per_sample` for {args.model} at {model_px} px, context {ctx.context}: forward + backward, 6 x matmul parameters x tokens + attention scores; the same count for both trainers, so compiled or not, a faster run is a higher MFU) / peak, with peak = {peak}. Peak GPU memory: `torch.cuda.max_memory_allocated()` over the whole run in each trainer's process (ours: `peak_mem_gib` of metrics.jsonl; open_clip_train: printed at exit by `bench/open_clip_train_entry.py`); the CUDA context and the allocator's cached but unallocated blocks are not in it.
+Median samples/s over windows of {args.log_every} steps after {args.warmup_steps} warm-up steps ({args.steps // args.log_every} windows per run, {args.repeats} run(s) per variant); a ratio above 1 means our trainer is faster. Spread: the lowest, 10th and 90th percentile and highest window. ms/step = batch / median samples/s. MFU = samples/s x {ctx.flops / 1e9:.2f} GFLOP per image-text pair (`pipeline.models.clip.clip_step_flops` for {args.model} at {model_px} px, context {ctx.context}: each tower's forward counted by torch's FlopCounterMode on the meta device, x3 for forward + backward, pipeline/train/flops.py; the same count for both trainers, so compiled or not, a faster run is a higher MFU) / peak, with peak = {peak}. Peak GPU memory: `torch.cuda.max_memory_allocated()` over the whole run in each trainer's process (ours: `peak_mem_gib` of metrics.jsonl; open_clip_train: printed at exit by `bench/open_clip_train_entry.py`); the CUDA context and the allocator's cached but unallocated blocks are not in it.
 
 ## Machine and software
 
@@ -1124,7 +1121,7 @@ def main_gpu(args: argparse.Namespace, argv: list[str]) -> int:
         dev = cuda_device_info(env)
         device = f"{dev['name']} ({dev['total_memory'] / 2**30:.1f} GiB, `torch.cuda.get_device_name`)"
         note = f", {dev['count']} visible, CUDA {dev['cuda']}, compute capability {'.'.join(map(str, dev['capability']))}"
-        peak, source = datasheet_peak(dev["name"], dev.get("peak_table", {}))
+        peak, source = datasheet_peak(dev["name"])
     else:
         device, note, peak, source = "CPU (no GPU)", "", 0.0, ""
     if args.peak_tflops:

@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.set_defaults(func=cmd_train)
 
+    from pipeline.train.device_peak import PLAN_DEVICE, PLAN_PEAK_TFLOPS  # no torch: a plain table
+
     pl = sub.add_parser("plan", help="memory per GPU at ZeRO 0-3 and step time of a config on N GPUs (no GPU needed)",
                         description="Estimate, per GPU: parameters, gradients and AdamW states at ZeRO 0-3, "
                         "activations with and without activation checkpointing at the config's batch, FLOPs per "
@@ -274,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node with --nodes (default 8)")
     pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
     pl.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the step time (default 0.4)")
-    pl.add_argument("--peak-tflops", type=float, default=989.0,
-                    help="peak dense TFLOP/s per GPU at the run's precision (default 989: H100 SXM bf16)")
+    pl.add_argument("--peak-tflops", type=float, default=PLAN_PEAK_TFLOPS,
+                    help=f"peak dense TFLOP/s per GPU at the run's precision (default {PLAN_PEAK_TFLOPS:g}: the "
+                    f"{PLAN_DEVICE}'s bf16 datasheet figure, pipeline.train.device_peak.DEVICE_PEAK_TFLOPS)")
     pl.add_argument("--overhead-gb", type=float, default=4.0,
                     help="fixed GiB per GPU for CUDA context, communication buffers and fragmentation (default 4)")
     pl.add_argument("--unfused-attention", action="store_true",

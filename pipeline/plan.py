@@ -38,11 +38,13 @@ pipeline/train/full_batch_accumulation.py): the CLIP loss holds R x G logits, th
 largest micro-batch that fits beside it. Embeddings, final norms and pooling heads are left out (each is one
 activation of one layer).
 
-FLOPs per sample are the trainer's own (pipeline.models.clip.clip_flops_per_sample: 6 x matmul parameters x
-tokens + attention scores, forward and backward); a step of G samples on W GPUs takes G * FLOPs / (W * MFU *
-peak). MFU counts model FLOPs, so the forward recomputed under activation checkpointing is part of what a given
-MFU has to absorb. With train.grad_accum > 1 every sample is encoded once more without a graph (the cached
-features that keep the global batch's negatives): a third of a forward + backward more, counted in the step time.
+FLOPs per sample are the trainer's own (pipeline.models.clip.clip_step_flops: each tower's forward counted by
+torch's FlopCounterMode on the meta device, x3 for forward and backward, x1 for a tower locked by
+model.lock_image / lock_text; pipeline/train/flops.py); a step of G samples on W GPUs takes G * FLOPs / (W * MFU *
+peak), the peak by default the H100's dense bf16 figure (pipeline/train/device_peak.py). MFU counts model FLOPs,
+so the forward recomputed under activation checkpointing is part of what a given MFU has to absorb. With
+train.grad_accum > 1 every sample is encoded once more without a graph (the cached features that keep the global
+batch's negatives): a third of a forward + backward more, counted in the step time.
 
 Negatives: every pair is scored against all G - 1 other pairs of the global batch (all ranks, all micro-steps).
 """
@@ -55,6 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import RunConfig, resolve_batch
+from pipeline.train.device_peak import PLAN_PEAK_TFLOPS
 
 GiB = 1024**3
 ACCUM_FORWARD_FACTOR = 4 / 3  # forward + backward (3 forwards' worth) + the forward without graph
@@ -132,16 +135,15 @@ class Plan:
 
 # ---- the model on the meta device -------------------------------------------------------------------------
 
-def meta_model(name: str, loss: str = "clip") -> torch.nn.Module:
-    """open_clip's model for `name` with every tensor on the meta device (shapes only)."""
-    import open_clip
+def meta_model(name: str, loss: str = "clip", patch_dropout: float = 0.0) -> torch.nn.Module:
+    """open_clip's model for `name` with every tensor on the meta device (shapes only), as create_clip builds
+    it (our SwinV2 trunk at the tower's image size; FLIP's patch dropout)."""
+    from pipeline.models.clip import build_open_clip, swap_swinv2_trunk
 
-    from pipeline.models.clip import check_model_name, loss_init, register_model_configs
-
-    check_model_name(name)
-    register_model_configs()
+    model = build_open_clip(name, loss, patch_dropout, device="meta")
     with torch.device("meta"):
-        return open_clip.create_model(name, pretrained=None, device="meta", **loss_init(loss))
+        swap_swinv2_trunk(model)
+    return model
 
 
 def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
@@ -216,20 +218,12 @@ def image_size(model: torch.nn.Module) -> int:
     return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
-def flops_per_sample(model: torch.nn.Module) -> float:
-    """The trainer's FLOPs per pair (clip_flops_per_sample) where it applies (open_clip's CLIP class); the same
-    convention (6 x matmul parameters x tokens + 12 x layers x tokens^2 x width per tower) otherwise."""
-    from pipeline.models.clip import clip_flops_per_sample
+def flops_per_sample(model: torch.nn.Module) -> int:
+    """The trainer's FLOPs per pair (pipeline.models.clip.clip_step_flops: each tower counted on the meta
+    device, forward + backward)."""
+    from pipeline.models.clip import clip_step_flops
 
-    try:
-        return float(clip_flops_per_sample(model, image_size(model), _context_length(model)))
-    except AttributeError:  # e.g. CustomTextCLIP (SigLIP): a `text` tower and no `transformer`
-        pass
-    total = 0.0
-    for tower, module in zip(towers(model), (model.visual, _text_module(model))):
-        matmul = sum(p.numel() for n, p in module.named_parameters() if p.ndim == 2 and "embedding" not in n)
-        total += 6 * matmul * tower.tokens + sum(12 * b.tokens * b.tokens * b.width for b in tower.blocks)
-    return total
+    return clip_step_flops(model)
 
 
 # ---- memory -----------------------------------------------------------------------------------------------
@@ -281,8 +275,9 @@ def _embed_dim(model: torch.nn.Module) -> int:
 
 # ---- the plan ---------------------------------------------------------------------------------------------
 
-def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0.4, peak_tflops: float = 989.0,
-             overhead_gb: float = 4.0, fused_attention: bool = True, model: torch.nn.Module | None = None) -> Plan:
+def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0.4,
+             peak_tflops: float = PLAN_PEAK_TFLOPS, overhead_gb: float = 4.0, fused_attention: bool = True,
+             model: torch.nn.Module | None = None) -> Plan:
     """Memory per rank at ZeRO 0-3 with and without activation checkpointing, and the step time at `mfu`, for
     `cfg` on `gpus` data-parallel ranks with `gpu_mem_gb` GiB each. Raises ConfigError when the batch does not
     divide across the ranks, ValueError on bad arguments."""
@@ -297,7 +292,11 @@ def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0
     t = cfg.train
     precision = "bf16" if t.precision == "auto" else t.precision
     p = 4 if precision == "fp32" else 2
-    model = model if model is not None else meta_model(cfg.model.name, cfg.loss.name)
+    if model is None:  # the trainer's model: its patch dropout and locked towers change its FLOPs per sample
+        from pipeline.tasks.contrastive import lock_towers
+
+        model = meta_model(cfg.model.name, cfg.loss.name, cfg.model.patch_dropout)
+        lock_towers(model, cfg)
     tws = towers(model)
     n = sum(x.numel() for x in model.parameters())
     ckpt_ps, full_ps = activation_bytes_per_sample(tws, p, fused_attention)

@@ -165,24 +165,3 @@ def backbone_transforms(model: nn.Module, train: bool, **kwargs):
     data_cfg.update({k: kwargs.pop(k) for k in ("mean", "std", "interpolation", "crop_pct", "crop_mode")
                      if k in kwargs})
     return create_transform(**data_cfg, is_training=train, **kwargs)
-
-
-def forward_flops(name: str | nn.Module, batch: int = 1, **kwargs) -> int:
-    """FLOPs of one forward pass of `batch` images at the model's input size (a multiply-add counts 2), counted
-    by torch's FlopCounterMode on the meta device: `name` is built there with kwargs (nothing is allocated), or
-    is a model already on the meta device. (On the CPU, flash attention runs in a kernel the counter does not
-    see; on the meta device attention is counted.) Training costs ~3x this, 4x with activation checkpointing."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    if isinstance(name, nn.Module):
-        model = name
-        if next(model.parameters()).device.type != "meta":
-            raise ValueError("forward_flops: pass a name or a model built under torch.device('meta')")
-    else:
-        with torch.device("meta"):
-            model = create_backbone(name, **kwargs)
-    info = backbone_info(model)
-    x = torch.empty(batch, info.in_chans, *info.img_size, device="meta")
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops()

@@ -158,25 +158,18 @@ def load_state_dict_reshaped(module: torch.nn.Module, state: dict[str, torch.Ten
     module.load_state_dict(fixed, strict=True)
 
 
-def clip_flops_per_sample(model: torch.nn.Module, image_size: int, context_length: int) -> float:
-    """Forward+backward FLOPs of one image-text pair: 6 x parameters-in-matmuls x tokens, per tower
-    (attention score FLOPs added), the usual MFU estimate."""
-    def tower(module: torch.nn.Module, tokens: int, width: int, layers: int) -> float:
-        matmul_params = sum(p.numel() for n, p in module.named_parameters() if p.ndim == 2 and "embedding" not in n)
-        return 6 * matmul_params * tokens + 6 * 2 * layers * tokens * tokens * width
+def clip_step_flops(model: torch.nn.Module) -> int:
+    """FLOPs of one image-text pair in a training step: each tower's forward counted on the meta device
+    (pipeline/train/flops.py), x3 for a tower that trains, x1 for a locked one (model.lock_image / lock_text).
+    The contrastive loss is left out (negligible, see there)."""
+    from pipeline.train.flops import forward_flops, step_flops, trains
 
-    v = model.visual
-    text_tower = getattr(model, "text", None) or model.transformer  # CustomTextCLIP (SigLIP) or CLIP
-    blocks = getattr(text_tower, "transformer", text_tower)
-    text = tower(text_tower, context_length, blocks.width, blocks.layers)
-    trunk = getattr(v, "trunk", None)
-    if trunk is not None:  # timm tower: SwinV2 counts its own FLOPs, others get 6 x matmul params x patch tokens
-        head = 6 * sum(p.numel() for p in v.head.parameters() if p.ndim == 2)
-        if hasattr(trunk, "flops_per_image"):
-            return 3 * trunk.flops_per_image() + head + text
-        patch = getattr(getattr(trunk, "patch_embed", None), "patch_size", 16)
-        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
-        return tower(trunk, (image_size // patch) ** 2, 0, 0) + head + text
-    patch = v.patch_size[0] if isinstance(v.patch_size, tuple) else v.patch_size
-    v_tokens = (image_size // patch) ** 2 + 1
-    return tower(v, v_tokens, v.transformer.width, v.transformer.layers) + text
+    size = model.visual.image_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    owner = model if getattr(model, "context_length", None) else model.text  # CLIP or CustomTextCLIP (SigLIP)
+    images = torch.empty(1, 3, *size, device="meta")
+    tokens = torch.zeros(1, owner.context_length, dtype=torch.long, device="meta")
+    image = forward_flops(model, images, call=lambda m, x: m.encode_image(x))
+    text = forward_flops(model, tokens, call=lambda m, t: m.encode_text(t))
+    text_params = [p for n, p in model.named_parameters() if not n.startswith(("visual.", "logit_"))]
+    return step_flops(image, trains(model.visual.parameters())) + step_flops(text, trains(text_params))

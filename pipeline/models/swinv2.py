@@ -112,7 +112,7 @@ class KernelSwinV2Block(timm_swinv2.SwinTransformerV2Block):
 
 class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
     """timm's SwinTransformerV2 (built by timm, see `create_swinv2`) with `KernelSwinV2Block`s, plus the attention
-    switch `set_attn_impl`, `stage_windows`, `flops_per_image` and this model's metadata: `pretrained_cfg` /
+    switch `set_attn_impl`, `stage_windows` and this model's metadata: `pretrained_cfg` /
     `default_cfg` describe *this* model (input_size, num_classes, pool_size), `model_args` the keyword arguments
     that rebuild it from its timm name (JSON-ready).
     """
@@ -155,29 +155,6 @@ class SwinTransformerV2(timm_swinv2.SwinTransformerV2):
         pool = {} if global_pool is None else {"global_pool": global_pool}
         self._model_args = dict(self._model_args, num_classes=num_classes, **pool)
         self._describe_self()
-
-    def flops_per_image(self, img_size=None) -> float:
-        """Forward FLOPs (2 x multiply-adds) of one image: patch embedding, every Linear applied to its tokens
-        (attention over the window-padded map), attention scores and weighted sums, head."""
-        H, W = (img_size, img_size) if isinstance(img_size, int) else (img_size or self.patch_embed.img_size)
-        ph, pw = self.patch_embed.patch_size
-        gh, gw = H // ph, W // pw
-        flops = 2.0 * gh * gw * self.patch_embed.proj.weight.numel()
-        for i, stage in enumerate(self.layers):
-            rh, rw = self._stage_resolution((gh, gw), i)
-            if isinstance(stage.downsample, timm_swinv2.PatchMerging):
-                flops += 2.0 * rh * rw * stage.downsample.reduction.weight.numel()
-            for blk in stage.blocks:
-                (mh, mw) = blk.window_size
-                tokens, padded = rh * rw, (-(-rh // mh) * mh) * (-(-rw // mw) * mw)
-                a = blk.attn
-                flops += 2.0 * padded * a.qkv.weight.numel()          # qkv (on the padded map)
-                flops += 2.0 * 2 * padded * mh * mw * a.dim          # q k^T and attn @ v
-                flops += 2.0 * tokens * (a.proj.weight.numel() + blk.mlp.fc1.weight.numel()
-                                         + blk.mlp.fc2.weight.numel())
-        if isinstance(self.head.fc, nn.Linear):
-            flops += 2.0 * self.head.fc.weight.numel()
-        return flops
 
 
 def _adopt(model: nn.Module, attn_impl: str) -> SwinTransformerV2:

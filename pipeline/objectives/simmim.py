@@ -85,18 +85,6 @@ def simmim_loss(images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.
     return (err * m).sum() / (m.sum() + 1e-5) / images.shape[1]
 
 
-def simmim_forward_flops(name: str, **kwargs) -> int:
-    """Forward FLOPs per image of SimMIM on `create_backbone(name, **kwargs)`: the encoder without its head
-    (pipeline.models.backbone.forward_flops, counted on the meta device) + the 1x1-conv decoder
-    (2 x C x stride^2 x in_chans per final position = 2 x C x in_chans x H x W). x3 for a training step."""
-    from pipeline.models.backbone import create_backbone, forward_flops
-
-    with torch.device("meta"):
-        encoder = create_backbone(name, **{**kwargs, "num_classes": 0})
-    info = backbone_info(encoder)
-    return forward_flops(encoder) + 2 * info.num_features * info.in_chans * info.img_size[0] * info.img_size[1]
-
-
 class MaskedImageDecoder:
     """Loader-side decoder for SimMIM (pipeline.data.loader.SampleDecoder): image -> {"images": transformed
     image, "masks": bool (H_tokens, W_tokens)}; no label or caption needed. The mask is drawn from torch's global

@@ -12,13 +12,14 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.loader import ImageLabelDecoder, expand_shards, local_shards
-from pipeline.models.backbone import (BackboneNameError, backbone_transforms, create_backbone, forward_flops,
+from pipeline.models.backbone import (BackboneNameError, backbone_info, backbone_transforms, create_backbone,
                                       load_backbone_weights, resolve_backbone)
 from pipeline.models.pretrained import check_source, read_state_dict
 from pipeline.objectives.classification import MixConfig, batch_rng, classification_loss, mix_batch
-from pipeline.objectives.simmim import MaskedImageDecoder, SimMIM, evaluate_reconstruction, simmim_forward_flops
+from pipeline.objectives.simmim import MaskedImageDecoder, SimMIM, evaluate_reconstruction
 from pipeline.train.layer_decay import layer_decay_param_groups
 from pipeline.train.engine import compute_dtype
+from pipeline.train.flops import forward_flops, step_flops, trains
 
 
 def check(cfg: RunConfig) -> None:
@@ -58,6 +59,13 @@ class _BackboneTask:
         self.eval_transform = backbone_transforms(self.backbone, False,
                                                   **({"crop_pct": a.eval_crop_pct} if a.eval_crop_pct else {}))
 
+    def _step_flops(self, *inputs: torch.Tensor) -> int:
+        """FLOPs per image of a training step of self.model (pipeline/train/flops.py), called on one image and
+        `inputs` (meta tensors, e.g. SimMIM's mask)."""
+        info = backbone_info(self.backbone)
+        images = torch.empty(1, info.in_chans, *info.img_size, device="meta")
+        return step_flops(forward_flops(self.model, images, *inputs), trains(self.model.parameters()))
+
     def param_groups(self) -> list[dict]:
         t = self.cfg.train
         return layer_decay_param_groups(self.model, t.lr, t.weight_decay, t.layer_decay)
@@ -93,7 +101,7 @@ class SupervisedTask(_BackboneTask):
                                           getattr(self.model, "num_classes", 0) or None)
         l = cfg.loss
         self.mix = MixConfig(l.mixup, l.cutmix, l.mix_prob, l.mix_switch_prob, l.label_smoothing)
-        self.flops_per_sample = 3 * forward_flops(cfg.model.name, **cfg.model.kwargs)
+        self.flops_per_sample = self._step_flops()
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = compute_dtype(engine)
@@ -124,7 +132,8 @@ class SimMIMTask(_BackboneTask):
                                               s.mask_patch_size, info.patch_size, cfg.data.jpeg_draft)
         except ValueError as e:
             raise ConfigError(f"simmim: {e}") from None
-        self.flops_per_sample = 3 * simmim_forward_flops(cfg.model.name, **cfg.model.kwargs)
+        # the encoder with the mask token applied and the pixel decoder, as a step runs them
+        self.flops_per_sample = self._step_flops(torch.zeros(1, *info.grid_size, dtype=torch.bool, device="meta"))
 
     def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
         dtype = compute_dtype(engine)

@@ -14,7 +14,7 @@ import torch
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.loader import ImageTextDecoder, expand_shards, local_shards
 from pipeline.eval.class_prompts import load_class_prompts
-from pipeline.models.clip import check_model_name, clip_flops_per_sample, create_clip, promote_scalar_params
+from pipeline.models.clip import check_model_name, clip_step_flops, create_clip, promote_scalar_params
 from pipeline.models.pretrained import check_clip_pretrained, load_clip_pretrained
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
@@ -74,9 +74,8 @@ class ContrastiveTask:
         lock_towers(model, cfg)
         promote_scalar_params(model)
         self.model = model
-        image_size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
         self.decoder = ImageTextDecoder(train_tf, self.tokenizer, cfg.data.jpeg_draft, cfg.data.max_caption_bytes)
-        self.flops_per_sample = clip_flops_per_sample(model, image_size, self.tokenizer.context_length)
+        self.flops_per_sample = clip_step_flops(model)  # after lock_towers: a locked tower counts its forward only
 
     def param_groups(self) -> list[dict] | None:
         """The default decay / no-decay split (engine.param_groups), with layer decay per tower when

@@ -37,6 +37,7 @@ from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
 from pipeline.objectives.binding_loss import binding_loss_share, rank_counts
 from pipeline.train.engine import compute_dtype
+from pipeline.train.flops import forward_flops, step_flops, trains
 
 
 def _towers_embed_dim(towers: str) -> int:
@@ -146,16 +147,20 @@ class ImageBindTask:
             return {"sample_rate": self.ib.sample_rate, "clip_seconds": self.ib.clip_seconds}
         return {}
 
-    def _flops(self) -> float:
-        """6 x encoder matmul parameters x tokens (forward + backward of the encoders) + 2 x the frozen image
-        tower's (forward only)."""
-        total = 0.0
-        for m, enc in self.model.encoders.items():
-            matmul = sum(p.numel() for p in enc.parameters() if p.ndim == 2)
-            total += 6 * matmul * (enc.config.num_patches + 1)
-        visual = self.model.clip.visual
-        tokens = getattr(visual, "grid_size", (1, 1))
-        total += 2 * sum(p.numel() for p in visual.parameters() if p.ndim == 2) * (tokens[0] * tokens[1] + 1)
+    def _flops(self) -> int:
+        """Per sample (pipeline/train/flops.py): the image tower's forward (x1 when frozen, imagebind.freeze_towers,
+        else x3) + every configured encoder's x3. A sample is assumed to carry every configured modality, as in
+        one source carrying them all (configs/demo/imagebind_audio_depth.yaml); with one source per modality
+        (imagebind_disjoint.yaml) a sample runs one encoder, so this overcounts the encoders' share."""
+        model = self.model
+        size = model.clip.visual.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        image = forward_flops(model, torch.empty(1, 3, *size, device="meta"), call=lambda mod, x: mod.encode_image(x))
+        total = step_flops(image, trains(model.clip.visual.parameters()))
+        for m, enc in model.encoders.items():
+            inputs = torch.empty(1, *modality_input_shape(self.encoder_configs[m]), device="meta")
+            forward = forward_flops(model, inputs, call=lambda mod, x, m=m: mod.encode_modality(m, x))
+            total += step_flops(forward, trains(enc.parameters()))
         return total
 
     def param_groups(self) -> list[dict]:

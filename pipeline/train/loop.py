@@ -105,18 +105,16 @@ def clear_run_outputs(out_dir: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense, datasheet
-
-
 def device_peak_tflops(cfg: RunConfig) -> float:
-    """The per-device peak MFU is measured against: train.peak_tflops, else the GPU's datasheet bf16 figure
-    (0 when unknown, e.g. on a CPU: no MFU is reported)."""
+    """The per-device peak MFU is measured against: train.peak_tflops, else the GPU's dense bf16 datasheet
+    figure from pipeline.train.device_peak.DEVICE_PEAK_TFLOPS (0 when unknown, e.g. on a CPU: no MFU is reported)."""
+    from pipeline.train.device_peak import peak_tflops_of
+
     if cfg.train.peak_tflops:
         return cfg.train.peak_tflops
     if not torch.cuda.is_available():
         return 0.0
-    name = torch.cuda.get_device_name()
-    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+    return peak_tflops_of(torch.cuda.get_device_name())[0]
 
 
 def configure_cuda(cfg: RunConfig) -> None:

@@ -7,7 +7,8 @@ import torch
 import yaml
 
 from pipeline.models.backbone import (PRESETS, BackboneNameError, backbone_features, backbone_info,
-                                      backbone_transforms, create_backbone, forward_flops, load_backbone_weights)
+                                      backbone_transforms, create_backbone, load_backbone_weights)
+from pipeline.train.flops import forward_flops
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,9 +57,11 @@ def test_swinv2_b_matches_timm():
 def test_vit_h14_forward_flops_by_hand(vit_h):
     d, t, layers = 1280, 257, 32
     macs = layers * (12 * d * d * t + 2 * t * t * d) + (14 * 14 * 3) * d * 256  # blocks + attention + patch embed
-    assert forward_flops(vit_h[0]) == pytest.approx(2 * macs + 2 * d * 1000, rel=1e-3)  # 334.6 GFLOPs + head
-    assert forward_flops("demo_vit") == pytest.approx(2 * (4 * (12 * 128 * 128 * 65 + 2 * 65 * 65 * 128)
-                                                           + 192 * 128 * 64 + 128 * 40), rel=1e-3)
+    images = torch.empty(1, 3, 224, 224, device="meta")
+    assert forward_flops(vit_h[0], images) == pytest.approx(2 * macs + 2 * d * 1000, rel=1e-3)  # 334.6 GFLOPs + head
+    demo = create_backbone("demo_vit")  # a real (CPU) model: counted with its tensors swapped for meta ones
+    assert forward_flops(demo, torch.empty(1, 3, 64, 64, device="meta")) == pytest.approx(
+        2 * (4 * (12 * 128 * 128 * 65 + 2 * 65 * 65 * 128) + 192 * 128 * 64 + 128 * 40), rel=1e-3)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

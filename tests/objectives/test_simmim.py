@@ -212,11 +212,15 @@ def test_masked_image_decoder_is_seeded_by_the_loader():
 
 
 def test_simmim_flops():
-    from pipeline.models.backbone import forward_flops
-    from pipeline.objectives.simmim import simmim_forward_flops
+    """SimMIM's forward on a masked image = the encoder's + the 1x1-conv decoder (2 x C x stride^2 x in_chans
+    per final position = 2 x C x in_chans x H x W); the mask token is elementwise (0 FLOPs)."""
+    from pipeline.train.flops import forward_flops
 
-    enc = forward_flops("demo_swinv2", num_classes=0)
-    assert simmim_forward_flops("demo_swinv2") == enc + 2 * 256 * 3 * 64 * 64
+    encoder = create_backbone("demo_swinv2", num_classes=0)
+    images = torch.empty(1, 3, 64, 64, device="meta")
+    enc = forward_flops(encoder, images)
+    mask = torch.zeros(1, 16, 16, dtype=torch.bool, device="meta")
+    assert forward_flops(SimMIM(encoder), images, mask) == enc + 2 * 256 * 3 * 64 * 64
 
 
 def test_evaluate_reconstruction_on_demo_shards(demo_data):
