@@ -34,7 +34,10 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def _write(out, data: bytes) -> None:
-    out.write(data)
+    """All of `data` to the unbuffered file `out` (a raw write may take part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view):]
 
 
 _EXITED = ("Z", "X")  # /proc states of a process that has exited: zombie (not yet reaped), dead (being reaped)
@@ -109,7 +112,9 @@ def run_to_file(command: str, dest: Path, timeout_s: float | None, stall_timeout
     start = time.monotonic()
     deadline = start + timeout_s if timeout_s else float("inf")
     stall = stall_timeout_s if stall_timeout_s else float("inf")
-    with tempfile.TemporaryFile() as errf, open(dest, "wb") as out:
+    # Unbuffered: a buffered file keeps what a full disk refused and fails again when it is closed, which
+    # would replace the one-line error with a traceback.
+    with tempfile.TemporaryFile() as errf, open(dest, "wb", buffering=0) as out:
         proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=errf, start_new_session=True)
         try:

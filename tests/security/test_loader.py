@@ -297,14 +297,17 @@ def test_a_pipe_that_never_ends_is_stopped_at_the_byte_cap_with_one_line(tmp_pat
         expand_sources("pipe:yes y.tar", "data.train", spec)
 
 
-def test_a_full_cache_disk_is_one_line_and_leaves_no_temporary_file(tmp_path):
+@pytest.mark.parametrize("read_size", [None, 3000], ids=["whole-reads", "small-reads"])
+def test_a_full_cache_disk_is_one_line_and_leaves_no_temporary_file(read_size, tmp_path):
     """The disk fills while a pipe: shard is fetched (RLIMIT_FSIZE: writes past 1 MB fail as they would on
-    a full disk)."""
+    a full disk). Small reads from the pipe (a busy machine, a command writing little at a time) once left
+    refused bytes in a file buffer whose close failed again: a traceback instead of the line."""
     cache = tmp_path / "cache"
     code = ("import resource, signal, sys\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
             "from pipeline.data.errors import DataError\n"
+            + (f"import pipeline.data.pipe_command as pc; pc.CHUNK = {read_size}\n" if read_size else "") +
             "from pipeline.data.remote import fetch_pipe\n"
             f"try:\n    fetch_pipe('pipe:head -c 5000000 /dev/zero # z.tar', {str(cache)!r}, 60, 10)\n"
             "except DataError as e:\n    print('error:', e); sys.exit(2)\n")
