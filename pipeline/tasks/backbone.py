@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.loader import ImageLabelDecoder, expand_shards, local_shards
+from pipeline.data.decoders import ImageLabelDecoder, MaskedImageDecoder
+from pipeline.data.loader import expand_shards, local_shards
 from pipeline.models.backbone import (BackboneNameError, backbone_transforms, create_backbone, forward_flops,
                                       load_backbone_weights, resolve_backbone)
 from pipeline.models.pretrained import check_source, read_state_dict
 from pipeline.objectives.classification import MixConfig, batch_rng, classification_loss, mix_batch
-from pipeline.objectives.simmim import MaskedImageDecoder, SimMIM, evaluate_reconstruction, simmim_forward_flops
+from pipeline.objectives.simmim import SimMIM, evaluate_reconstruction, simmim_forward_flops
 from pipeline.train.layer_decay import layer_decay_param_groups
-from pipeline.train.engine import compute_dtype
 
 
 def check(cfg: RunConfig) -> None:
@@ -95,16 +95,15 @@ class SupervisedTask(_BackboneTask):
         self.mix = MixConfig(l.mixup, l.cutmix, l.mix_prob, l.mix_switch_prob, l.label_smoothing)
         self.flops_per_sample = 3 * forward_flops(cfg.model.name, **cfg.model.kwargs)
 
-    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-        dtype = compute_dtype(engine)
-        images, labels = self.decoder.image.model_input(batch["images"], device, dtype), batch["labels"].to(device, non_blocking=True)
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        images, labels = batch["images"], batch["labels"]
         targets = labels
         if self.mix.enabled:  # the mix is a function of the batch's place in the stream: resumes redraw it
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             images, targets, _ = mix_batch(images, labels, self.model.num_classes, self.mix,
                                            batch_rng(self.cfg.train.seed, batch["epoch"], batch["offset"], rank))
         logits = engine(images)
-        loss = classification_loss(logits, targets.to(device, non_blocking=True), self.cfg.loss.label_smoothing)
+        loss = classification_loss(logits, targets, self.cfg.loss.label_smoothing)
         # a device tensor, read at log steps only (no host synchronisation per step)
         stats = {} if self.mix.enabled else {"train_top1": (logits.detach().argmax(-1) == labels).float().mean()}
         return loss, stats
@@ -126,9 +125,8 @@ class SimMIMTask(_BackboneTask):
             raise ConfigError(f"simmim: {e}") from None
         self.flops_per_sample = 3 * simmim_forward_flops(cfg.model.name, **cfg.model.kwargs)
 
-    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-        dtype = compute_dtype(engine)
-        out = engine(self.decoder.image.model_input(batch["images"], device, dtype), batch["masks"].to(device, non_blocking=True))
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = engine(batch["images"], batch["masks"])
         return out["loss"], {}
 
     def evaluate(self, model: torch.nn.Module) -> dict:
