@@ -98,7 +98,7 @@ def stack_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def to_device_as_is(batch: dict[str, Any], device: torch.device | str, names: tuple[str, ...]) -> dict[str, Any]:
+def move_fields(batch: dict[str, Any], device: torch.device | str, names: tuple[str, ...]) -> dict[str, Any]:
     """`batch` with its tensors `names` copied to `device` (non-blocking: from pinned memory the copy is queued,
     not waited for), dtype kept: token ids, labels, masks and row indices stay integers / bools."""
     return {**batch, **{n: batch[n].to(device, non_blocking=True) for n in names if batch.get(n) is not None}}
@@ -124,7 +124,7 @@ class ImageTextDecoder:
         return batch
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
-        return {**to_device_as_is(batch, device, ("texts",)),
+        return {**move_fields(batch, device, ("texts",)),
                 "images": self.image.model_input(batch["images"], device, dtype)}
 
 
@@ -144,7 +144,7 @@ class ImageLabelDecoder:
         return stack_collate(samples)
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
-        return {**to_device_as_is(batch, device, ("labels",)),
+        return {**move_fields(batch, device, ("labels",)),
                 "images": self.image.model_input(batch["images"], device, dtype)}
 
 
@@ -173,7 +173,7 @@ class MaskedImageDecoder:
                 "masks": torch.stack([s["masks"] for s in samples])}
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
-        return {**to_device_as_is(batch, device, ("masks",)),
+        return {**move_fields(batch, device, ("masks",)),
                 "images": self.image.model_input(batch["images"], device, dtype)}
 
 
@@ -216,7 +216,7 @@ class ModalityDecoder:
     def to_device(self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
         """Images normalised, each modality's inputs in `dtype`, its rows (indices into the images) as int64."""
         present = [m for m in self.modality_transforms if m in batch]
-        out = to_device_as_is(batch, device, tuple(f"{m}_rows" for m in present))
+        out = move_fields(batch, device, tuple(f"{m}_rows" for m in present))
         out.update({m: batch[m].to(device, dtype, non_blocking=True) for m in present})
         out["images"] = self.image.model_input(batch["images"], device, dtype)
         return out
@@ -250,7 +250,7 @@ class EvalSampleDecoder:
 
     def to_device(self, batch: dict[str, Any], device: torch.device | str, dtype: torch.dtype) -> dict[str, Any]:
         # "labels" and "has_caption" stay on the host: evaluation counts and selects with them there
-        return {**to_device_as_is(batch, device, ("texts",)),
+        return {**move_fields(batch, device, ("texts",)),
                 "images": self.image.model_input(batch["images"], device, dtype)}
 
 

@@ -10,7 +10,8 @@ with the target the (already mean/std normalised) input image, or, as in the Swi
 normalised by the mean and standard deviation of a 47x47 neighbourhood around each pixel (`norm_target_window`).
 
 Masks are drawn at `mask_patch_size` granularity (SimMIM: 32 px squares) and expanded to the model's token
-grid (4 px patches for SwinV2, 16 or 14 px for ViT, where mask patch = model patch is the usual choice).
+grid (4 px patches for SwinV2, 16 or 14 px for ViT, where mask patch = model patch is the usual choice). In
+training they are drawn per sample in the loader workers (`MaskedImageDecoder`, pipeline/data/decoders.py).
 """
 from __future__ import annotations
 
