@@ -282,7 +282,8 @@ class PairedModalityDecoder:
 
     def __init__(self, image_transform: Callable, modality: str, modality_transform: Callable,
                  decode_options: dict | None = None):
-        self.image, self.modality, self.modality_transform = ImageToTensor(image_transform), modality, modality_transform
+        self.image = ImageToTensor(image_transform)
+        self.modality, self.modality_transform = modality, modality_transform
         self.decode_options = decode_options or {}
 
     def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
