@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's pipeline
 
-from pipeline.data.loader import ShardSet, expand_shards, iterate_eval_samples  # noqa: E402
+from pipeline.data.eval_loader import iterate_eval_samples  # noqa: E402
+from pipeline.data.loader import ShardSet, expand_shards  # noqa: E402
 from pipeline.eval.zero_shot import class_embeddings  # noqa: E402
 from pipeline.export import load_model_from_checkpoint  # noqa: E402
 from pipeline.train.checkpoint import resolve_checkpoint  # noqa: E402

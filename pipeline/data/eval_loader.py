@@ -1,54 +1,31 @@
-"""Held-out samples for evaluation: a range of sample ids read in order, decoded in batches by loader workers
-(the training loader's DataLoader settings, `make_train_loader`), for image-text and image-label data alike.
+"""Held-out samples for evaluation: one reader for every evaluation path (zero-shot and retrieval, kNN and probe
+features, emergent binding, SimMIM reconstruction).
 
-A sample needs an image; its caption (`.txt`) and label (`.cls`) are used where present, so label-only shards
-(ImageNet-style jpg + cls) and caption-only shards both evaluate. Batch k of the range is built by worker
-k % workers, and the DataLoader takes the workers' batches in turn: batches arrive in the order of the data.
+`iterate_decoded` reads a range of sample ids in order and decodes them in batches with any sample decoder
+(pipeline/data/decoders.py), in loader workers (the training loader's DataLoader settings, `make_train_loader`)
+or in this process. Batch k holds the decodable samples among ids k*B .. (k+1)*B - 1: a sample that cannot be
+read counts as "unreadable", one its decoder rejects under the decoder's reason, in the batch's "bad" Counter.
+Batch k is built by worker k % workers, and the DataLoader takes the workers' batches in turn: batches arrive in
+the order of the data.
 """
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.decoders import CaptionedImageDecoder, SampleDecoder
 from pipeline.data.errors import BadSample
-from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.loader import ShardSet, decode_caption, decode_label, image_member, make_train_loader
+from pipeline.data.loader import ShardSet, make_train_loader
 
 
-class EvalSampleDecoder:
-    """image (+ caption, + label) -> {"images", "labels" (-1: none), "has_caption", "texts" (token ids of the
-    captioned samples, in order; None if no sample of the batch has one)}. A sample without a decodable image,
-    or with a `.cls` that is not an integer, is skipped (BadSample); a missing or undecodable caption only keeps
-    the sample out of retrieval."""
-
-    def __init__(self, transform: Callable, tokenizer: Callable | None):
-        self.image, self.tokenizer = ImageToTensor(transform), tokenizer
-
-    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
-        pixels = self.image(image_member(raw))
-        label = decode_label(raw) if "cls" in raw else -1
-        try:
-            caption = decode_caption(raw) if self.tokenizer is not None else None
-        except BadSample:
-            caption = None
-        return {"images": pixels, "label": label, "caption": caption}
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        captions = [s["caption"] for s in samples if s["caption"] is not None]
-        return {"images": torch.stack([s["images"] for s in samples]),
-                "labels": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
-                "has_caption": torch.tensor([s["caption"] is not None for s in samples]),
-                "texts": self.tokenizer(captions) if captions else None}
-
-
-class EvalBatches(IterableDataset):
+class DecodedBatches(IterableDataset):
     """Batches of the samples `ids` (a range of ShardSet sample ids), in order: the decoder's batch (absent when
-    every sample of the batch failed) plus {"index": k, "bad": Counter of skipped samples by reason}."""
+    every sample of the batch failed) plus {"index": k, "bad": {reason: skipped samples}}."""
 
-    def __init__(self, shards: ShardSet, ids: range, batch_size: int, decoder: EvalSampleDecoder):
+    def __init__(self, shards: ShardSet, ids: range, batch_size: int, decoder: SampleDecoder):
         self.shards, self.ids, self.batch_size, self.decoder = shards, ids, batch_size, decoder
 
     def __len__(self) -> int:
@@ -66,7 +43,9 @@ class EvalBatches(IterableDataset):
                 samples.append(self.decoder.sample(raw))
             except BadSample as e:
                 bad[e.reason] += 1
-        return {**(self.decoder.collate(samples) if samples else {}), "index": k, "bad": bad}
+        # "bad" as a plain dict, as in the training stream: the DataLoader's default_convert copies a Counter and
+        # update()s the copy with its own items, which would count every bad sample twice
+        return {**(self.decoder.collate(samples) if samples else {}), "index": k, "bad": dict(bad)}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -75,13 +54,25 @@ class EvalBatches(IterableDataset):
             yield self.make_batch(k)
 
 
-def eval_batches(shards: ShardSet, ids: range, batch_size: int, decoder: EvalSampleDecoder, workers: int,
-                 pin_memory: bool = False) -> Iterator[dict]:
-    """The batches of `ids` in order, decoded by `workers` processes (0: in this one)."""
-    dataset = EvalBatches(shards, ids, batch_size, decoder)
+def iterate_decoded(shards: ShardSet, decoder: SampleDecoder, batch_size: int, ids: range | None = None,
+                    workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+    """The batches of `ids` (default: every sample of `shards`) in order, decoded by `workers` processes (0: in
+    this one); host tensors, for `decoder.to_device`."""
+    dataset = DecodedBatches(shards, range(shards.total) if ids is None else ids, batch_size, decoder)
     workers = min(workers, len(dataset))
     loader: DataLoader = make_train_loader(dataset, workers, pin_memory)
     for expected, batch in enumerate(loader):
         if batch["index"] != expected:
             raise RuntimeError(f"eval loader order broken: got batch {batch['index']}, expected {expected}")
         yield batch
+
+
+def iterate_eval_samples(shards: ShardSet, transform: Callable, batch_size: int,
+                         with_label: bool = False) -> Iterator[tuple[torch.Tensor, list[str], list[int]]]:
+    """Every captioned sample of `shards` in order, batched: (images normalised on the CPU, captions, labels
+    (-1 without `with_label`)). Bad samples are skipped."""
+    decoder = CaptionedImageDecoder(transform, with_label)
+    for batch in iterate_decoded(shards, decoder, batch_size):
+        if "images" in batch:
+            batch = decoder.to_device(batch, "cpu", torch.float32)
+            yield batch["images"], batch["captions"], batch["labels"]

@@ -27,8 +27,8 @@ with a stall timeout, so a stalled pipe fails with one line naming the command i
 training `ShardSet` streams them: only their indexes are fetched up front, each tar when it is first read and
 ahead of use by the worker that will read it, into a cache bounded by `data.cache_max_gb` (`ShardCache`).
 
-Only allow-listed extensions are decoded (`pipeline.data.modalities` adds audio/depth/...); nothing from a
-shard is ever unpickled.
+What a sample becomes is its decoder's business (pipeline/data/decoders.py): the stream reads its members,
+seeds the decoder per sample and counts the samples it rejects.
 """
 from __future__ import annotations
 
@@ -38,25 +38,21 @@ import signal
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.data.decoders import MAX_CAPTION_BYTES, ImageTextDecoder, SampleDecoder
 from pipeline.data.errors import BadSample, DataError
-from pipeline.data.image_decode import ImageToTensor
 from pipeline.data.remote import DEFAULT_MAX_BYTES, PipeSource, is_pipe, resolve_indexes, resolve_sources
 from pipeline.data.shard_cache import ShardCache
-from pipeline.data.epoch_plan import (RESAMPLED_SHARDS_PER_BLOCK, EpochPlan, epoch_length,  # noqa: F401
-                                      epoch_order)
+from pipeline.data.epoch_plan import RESAMPLED_SHARDS_PER_BLOCK, EpochPlan, epoch_length
 from pipeline.data.manifest import MANIFEST_NAME, shard_entries
 from pipeline.data.shard_index import ShardMembers
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-CAPTION_EXTS = ("txt",)
-MAX_CAPTION_BYTES = 16384  # data.max_caption_bytes' default; a caption is cut to 77 tokens (~300 bytes) anyway
 DEFAULT_CACHE_SHARDS = 4  # member tables held by a reader that goes through shards in order (evaluation)
 MAX_CACHE_SHARDS = 1024  # a shuffle block over tiny shards: the tables are tiny too
 PREFETCH_BATCHES = 4  # how far ahead (in this worker's batches) streamed shards are looked for
@@ -297,99 +293,8 @@ class LoaderSpec:
     resampled: bool = False
 
 
-# ----------------------------------------------------------------------------------------------- decoding
-def decode_caption(raw: dict[str, bytes], max_bytes: int = MAX_CAPTION_BYTES) -> str:
-    caption_ext = next((e for e in CAPTION_EXTS if e in raw), None)
-    if caption_ext is None:
-        raise BadSample("missing_caption")
-    if max_bytes and len(raw[caption_ext]) > max_bytes:
-        raise BadSample("caption_too_long")  # before tokenising: BPE on megabytes takes seconds per sample
-    try:
-        caption = raw[caption_ext].decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise BadSample("bad_caption") from None
-    if not caption:
-        raise BadSample("empty_caption")
-    return caption
-
-
-def decode_label(raw: dict[str, bytes], num_classes: int | None = None) -> int:
-    """The `.cls` class id; with `num_classes`, one outside [0, num_classes) is a bad sample (not an index
-    error in the loss)."""
-    if "cls" not in raw:
-        raise BadSample("missing_label")
-    if len(raw["cls"]) > 32:
-        raise BadSample("bad_label")
-    try:
-        label = int(raw["cls"].decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise BadSample("bad_label") from None
-    if num_classes is not None and not 0 <= label < num_classes:
-        raise BadSample("label_out_of_range")
-    return label
-
-
-def image_member(raw: dict[str, bytes]) -> bytes:
-    ext = next((e for e in IMAGE_EXTS if e in raw), None)
-    if ext is None:
-        raise BadSample("missing_image")
-    return raw[ext]
-
-
 def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, sample_id]).generate_state(1)[0])
-
-
-class SampleDecoder(Protocol):
-    """Turns one sample's members into tensors (raising BadSample), and a list of those into a batch."""
-
-    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]: ...
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]: ...
-
-
-def stack_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stacks tensors and gathers other values into lists, field by field."""
-    out = {}
-    for name in samples[0]:
-        values = [s[name] for s in samples]
-        out[name] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
-    return out
-
-
-class ImageTextDecoder:
-    """jpg/png/webp + txt -> {"images": transformed image, "texts": token ids} (tokenised in the workers)."""
-
-    def __init__(self, transform: Callable, tokenizer: Callable, reduced_decode: bool = True,
-                 max_caption_bytes: int = MAX_CAPTION_BYTES):
-        self.image, self.tokenizer = ImageToTensor(transform, reduced_decode), tokenizer
-        self.max_caption_bytes = max_caption_bytes
-
-    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
-        data = image_member(raw)
-        caption = decode_caption(raw, self.max_caption_bytes)
-        return {"images": self.image(data), "texts": caption}
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = stack_collate(samples)
-        batch["texts"] = self.tokenizer(batch["texts"])
-        return batch
-
-
-class ImageLabelDecoder:
-    """jpg/png/webp + cls -> {"images", "labels"}; for supervised and masked-image pretraining."""
-
-    def __init__(self, transform: Callable, reduced_decode: bool = True, num_classes: int | None = None):
-        self.image = ImageToTensor(transform, reduced_decode)
-        self.num_classes = num_classes  # labels outside [0, num_classes) are bad samples
-
-    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
-        data = image_member(raw)
-        label = decode_label(raw, self.num_classes)
-        return {"images": self.image(data), "labels": torch.tensor(label)}
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return stack_collate(samples)
 
 
 # ----------------------------------------------------------------------------------------------- stream
@@ -494,25 +399,3 @@ def make_train_loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> 
                       prefetch_factor=4 if workers else None, persistent_workers=False,
                       worker_init_fn=_ignore_stop_signals if workers else None)
 
-
-def iterate_eval_samples(shards: ShardSet, transform: Callable, batch_size: int,
-                         with_label: bool = False) -> Iterator[tuple[torch.Tensor, list[str], list[int]]]:
-    """Every readable sample of `shards` in order, batched: (images, captions, labels). Bad samples are skipped."""
-    image = ImageToTensor(transform)
-    images, captions, labels = [], [], []
-    for sid in range(shards.total):
-        try:
-            _, raw = shards.read(sid)
-            caption = decode_caption(raw)
-            label = decode_label(raw) if with_label else -1
-            pixels = image(image_member(raw))
-        except (OSError, EOFError, BadSample):
-            continue
-        images.append(pixels)
-        captions.append(caption)
-        labels.append(label)
-        if len(images) == batch_size:
-            yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, labels
-            images, captions, labels = [], [], []
-    if images:
-        yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, labels

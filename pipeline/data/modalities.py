@@ -2,7 +2,7 @@
 that turn a decoded member into an encoder input (see `pipeline.models.imagebind`).
 
 Every decoder takes the member's bytes and its extension, returns `Decoded(value, conversions)` and raises
-`pipeline.data.loader.BadSample(reason)` on bad data. `conversions` names what was changed on the way (a stereo
+`pipeline.data.errors.BadSample(reason)` on bad data. `conversions` names what was changed on the way (a stereo
 file mixed down, a sample rate converted, ...) so the loader can count it next to the bad-sample reasons.
 Nothing is ever unpickled: `.npy` members are read with `np.load(allow_pickle=False)`, which refuses object
 arrays before touching their pickle payload.
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.data.loader import BadSample
+from pipeline.data.errors import BadSample
 
 AUDIO_EXTS = ("wav", "flac")
 DEPTH_EXTS = ("depth.png", "depth.npy")

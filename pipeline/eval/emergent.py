@@ -10,58 +10,16 @@ samples is reported as `image_zero_shot_top1` (what the binding can at best inhe
 from __future__ import annotations
 
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.loader import BadSample, ShardSet, decode_caption, expand_shards, image_member
-from pipeline.data.modalities import decode_modality
+from pipeline.data.decoders import PairedModalityDecoder
+from pipeline.data.eval_loader import iterate_decoded
+from pipeline.data.loader import ShardSet, expand_shards
 from pipeline.eval.class_prompts import load_class_prompts, zero_shot_weights
 from pipeline.eval.ranks import EvalRanks
 from pipeline.eval.retrieval import recall_at_k
-
-
-def iterate_multimodal_samples(shards: ShardSet, modality: str, image_transform: Callable,
-                               modality_transform: Callable, batch_size: int, bad: Counter | None = None,
-                               max_samples: int = 0, decode_options: dict | None = None,
-                               ) -> Iterator[tuple[torch.Tensor, list[str], torch.Tensor, list[int]]]:
-    """Every readable sample in order, batched: (images, captions (None where a sample has no caption), modality
-    inputs, labels (-1 if no .cls)). Failures are skipped and counted by reason in `bad`."""
-    bad = Counter() if bad is None else bad
-    image = ImageToTensor(image_transform)
-    images, captions, inputs, labels = [], [], [], []
-    count = 0
-    for sid in range(shards.total):
-        if max_samples and count >= max_samples:
-            break
-        try:
-            _, raw = shards.read(sid)
-        except (OSError, EOFError):
-            bad["unreadable"] += 1
-            continue
-        try:
-            pixels = image(image_member(raw))
-            caption = decode_caption(raw) if "txt" in raw else None  # paired sets need no caption
-            decoded = decode_modality(raw, modality, **(decode_options or {}))
-            x = modality_transform(decoded.value)
-        except BadSample as e:
-            bad[e.reason] += 1
-            continue
-        try:
-            label = int(raw["cls"].decode()) if "cls" in raw else -1
-        except ValueError:
-            label = -1
-        images.append(pixels)
-        captions.append(caption)
-        inputs.append(x)
-        labels.append(label)
-        count += 1
-        if len(images) == batch_size:
-            yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, torch.stack(inputs), labels
-            images, captions, inputs, labels = [], [], [], []
-    if images:
-        yield image.model_input(torch.stack(images), "cpu", torch.float32), captions, torch.stack(inputs), labels
 
 
 def _topk_accuracy(features: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -84,18 +42,27 @@ def evaluate_emergent(model, modality: str, val: str | list[str], image_transfor
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     shards = ShardSet(expand_shards(val, "data.val"))
+    decoder = PairedModalityDecoder(image_transform, modality, modality_transform, decode_options)
     bad: Counter = Counter()
     img_f, txt_f, mod_f, labels = [], [], [], []
     captioned = True  # caption retrieval only when every sample has a caption
-    for images, captions, inputs, lab in iterate_multimodal_samples(shards, modality, image_transform,
-                                                                    modality_transform, batch_size, bad,
-                                                                    max_samples, decode_options):
-        img_f.append(model.encode_image(images.to(device, dtype)).float())
+    count = 0
+    for batch in iterate_decoded(shards, decoder, batch_size):
+        bad.update(batch["bad"])
+        if "images" not in batch:
+            continue
+        batch = decoder.to_device(batch, device, dtype)
+        keep = max_samples - count if max_samples else len(batch["labels"])  # the first max_samples good samples
+        captions = batch["captions"][:keep]
+        img_f.append(model.encode_image(batch["images"][:keep]).float())
         captioned = captioned and None not in captions
         if captioned:
             txt_f.append(model.encode_text(tokenizer(captions).to(device)).float())
-        mod_f.append(model.encode_modality(modality, inputs.to(device, dtype)).float())
-        labels.extend(lab)
+        mod_f.append(model.encode_modality(modality, batch["inputs"][:keep]).float())
+        labels.extend(batch["labels"][:keep])
+        count += len(captions)
+        if max_samples and count >= max_samples:
+            break
     if was_training:
         model.train()
     m = modality

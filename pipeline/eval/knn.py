@@ -105,8 +105,9 @@ def extract_features(model, shard_pattern: str | list[str], transform, batch_siz
     """(features (N, D) float32 on CPU, labels (N,)) of every readable sample with an image and a `.cls` label
     in the shards (captions are not needed), in shard order, up to max_samples (0 = all).
     `model` is a backbone (pipeline.models.backbone); call under GatheredParameters with ZeRO-3."""
-    from pipeline.data.image_decode import ImageToTensor
-    from pipeline.data.loader import BadSample, ShardSet, decode_label, expand_shards, image_member
+    from pipeline.data.decoders import ImageLabelDecoder
+    from pipeline.data.eval_loader import iterate_decoded
+    from pipeline.data.loader import ShardSet, expand_shards
     from pipeline.models.backbone import backbone_features
 
     was_training = model.training
@@ -114,33 +115,18 @@ def extract_features(model, shard_pattern: str | list[str], transform, batch_siz
     param = next(model.parameters())
     shards = ShardSet(expand_shards(shard_pattern, key))
     limit = shards.total if max_samples <= 0 else min(max_samples, shards.total)
-    image = ImageToTensor(transform)
-    feats, labels, images, batch_labels = [], [], [], []
-
-    def flush():
-        if images:
-            x = image.model_input(torch.stack(images), param.device, param.dtype)
-            feats.append(backbone_features(model, x).float().cpu())
-            labels.extend(batch_labels)
-            images.clear()
-            batch_labels.clear()
-
-    for sid in range(limit):
-        try:
-            _, raw = shards.read(sid)
-            label = decode_label(raw)
-            pixels = image(image_member(raw))
-        except (OSError, EOFError, BadSample):  # unreadable, no image, no or bad label: skipped, as the loader does
+    decoder = ImageLabelDecoder(transform)  # unreadable, no image, no or bad label: skipped, as in training
+    feats, labels = [], []
+    for batch in iterate_decoded(shards, decoder, batch_size, range(limit)):
+        if "images" not in batch:
             continue
-        images.append(pixels)
-        batch_labels.append(label)
-        if len(images) == batch_size:
-            flush()
-    flush()
+        images = decoder.to_device(batch, param.device, param.dtype)["images"]
+        feats.append(backbone_features(model, images).float().cpu())
+        labels.append(batch["labels"])
     model.train(was_training)
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
-    return torch.cat(feats), torch.tensor(labels, dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels).long()
 
 
 @torch.no_grad()

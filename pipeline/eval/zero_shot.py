@@ -15,7 +15,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from pipeline.data.eval_loader import EvalSampleDecoder, eval_batches
+from pipeline.data.decoders import EvalSampleDecoder
+from pipeline.data.eval_loader import iterate_decoded
 from pipeline.data.loader import ShardSet, expand_shards
 from pipeline.eval.class_prompts import load_class_prompts, zero_shot_weights
 from pipeline.eval.ranks import EvalRanks
@@ -52,17 +53,17 @@ def evaluate(model, transform, tokenizer, val: str | list[str], classes: str = "
     decoder = EvalSampleDecoder(transform, tokenizer)
     img_feats, txt_feats, labels, captioned = [], [], [], []
     bad = Counter()
-    for batch in eval_batches(shards, ranks.slice(shards.total), batch_size, decoder, workers,
-                              pin_memory=device.type == "cuda"):
+    for batch in iterate_decoded(shards, decoder, batch_size, ranks.slice(shards.total), workers,
+                                 pin_memory=device.type == "cuda"):
         bad.update(batch["bad"])
         if "images" not in batch:
             continue
-        images = decoder.image.model_input(batch["images"], device, dtype)
-        img_feats.append(F.normalize(model.encode_image(images).float(), dim=-1))
+        batch = decoder.to_device(batch, device, dtype)
+        img_feats.append(F.normalize(model.encode_image(batch["images"]).float(), dim=-1))
         labels.append(batch["labels"])
         captioned.append(batch["has_caption"])
         if batch["texts"] is not None:
-            txt_feats.append(F.normalize(model.encode_text(batch["texts"].to(device)).float(), dim=-1))
+            txt_feats.append(F.normalize(model.encode_text(batch["texts"]).float(), dim=-1))
     img = torch.cat(img_feats) if img_feats else torch.zeros(0, 0, device=device)
     label = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     has_caption = torch.cat(captioned) if captioned else torch.zeros(0, dtype=torch.bool)

@@ -10,7 +10,8 @@ with the target the (already mean/std normalised) input image, or, as in the Swi
 normalised by the mean and standard deviation of a 47x47 neighbourhood around each pixel (`norm_target_window`).
 
 Masks are drawn at `mask_patch_size` granularity (SimMIM: 32 px squares) and expanded to the model's token
-grid (4 px patches for SwinV2, 16 or 14 px for ViT, where mask patch = model patch is the usual choice).
+grid (4 px patches for SwinV2, 16 or 14 px for ViT, where mask patch = model patch is the usual choice). In
+training they are drawn per sample in the loader workers (`MaskedImageDecoder`, pipeline/data/decoders.py).
 """
 from __future__ import annotations
 
@@ -85,29 +86,6 @@ def simmim_loss(images: torch.Tensor, reconstruction: torch.Tensor, mask: torch.
     return (err * m).sum() / (m.sum() + 1e-5) / images.shape[1]
 
 
-class MaskedImageDecoder:
-    """Loader-side decoder for SimMIM (pipeline.data.loader.SampleDecoder): image -> {"images": transformed
-    image, "masks": bool (H_tokens, W_tokens)}; no label or caption needed. The mask is drawn from torch's global
-    generator, which the loader seeds per (seed, epoch, sample) around `sample()`, so masks are reproducible and
-    a resumed run draws the same ones (SimMIM also draws its masks in the data pipeline)."""
-
-    def __init__(self, transform, grid_hw: tuple[int, int], mask_ratio: float, mask_patch_size: int,
-                 model_patch_size: int, reduced_decode: bool = True):
-        from pipeline.data.image_decode import ImageToTensor
-
-        self.image = ImageToTensor(transform, reduced_decode)
-        self.mask_args = (tuple(grid_hw), mask_ratio, mask_patch_size, model_patch_size)
-        random_patch_mask(1, *self.mask_args)  # fail on a bad combination now, not in a worker
-
-    def sample(self, raw: dict[str, bytes]) -> dict[str, torch.Tensor]:
-        from pipeline.data.loader import image_member
-
-        image = self.image(image_member(raw))
-        return {"images": image, "masks": random_patch_mask(1, *self.mask_args)[0]}
-
-    def collate(self, samples: list[dict]) -> dict:
-        return {"images": torch.stack([s["images"] for s in samples]),
-                "masks": torch.stack([s["masks"] for s in samples])}
 
 
 class SimMIM(nn.Module):
@@ -200,8 +178,9 @@ def evaluate_reconstruction(model: SimMIM, shard_pattern: str | list[str], trans
     mean of a normalised image, or of a normalised target), "samples"}. Rank 0, full model (gather under
     ZeRO-3). kNN / linear probes of MIM features are weak early in training (they can trail a random
     initialisation on the demo data), so this is the signal that pretraining works."""
-    from pipeline.data.image_decode import ImageToTensor
-    from pipeline.data.loader import BadSample, ShardSet, expand_shards, image_member
+    from pipeline.data.decoders import EvalSampleDecoder
+    from pipeline.data.eval_loader import iterate_decoded
+    from pipeline.data.loader import ShardSet, expand_shards
 
     was_training = model.training
     model.eval()
@@ -209,15 +188,13 @@ def evaluate_reconstruction(model: SimMIM, shard_pattern: str | list[str], trans
     shards = ShardSet(expand_shards(shard_pattern, key))
     limit = shards.total if max_samples <= 0 else min(max_samples, shards.total)
     gen = torch.Generator().manual_seed(seed)
-    image = ImageToTensor(transform)
+    decoder = EvalSampleDecoder(transform, tokenizer=None)  # the images; masks are drawn here, from `gen`
     sums = {"recon_l1": 0.0, "recon_l1_mean_baseline": 0.0}
-    count, images = 0, []
-
-    def flush():
-        nonlocal count
-        if not images:
-            return
-        x = image.model_input(torch.stack(images), param.device, param.dtype)
+    count = 0
+    for batch in iterate_decoded(shards, decoder, batch_size, range(limit)):
+        if "images" not in batch:
+            continue
+        x = decoder.to_device(batch, param.device, param.dtype)["images"]
         mask = model.make_mask(x.shape[0], mask_ratio, mask_patch_size, gen).to(param.device)
         out = model(x, mask)
         sums["recon_l1"] += out["loss"].item() * x.shape[0]
@@ -225,15 +202,5 @@ def evaluate_reconstruction(model: SimMIM, shard_pattern: str | list[str], trans
         sums["recon_l1_mean_baseline"] += simmim_loss(x, zero, mask, model.info.patch_size,
                                                       model.norm_target_window).item() * x.shape[0]
         count += x.shape[0]
-        images.clear()
-
-    for sid in range(limit):
-        try:
-            images.append(image(image_member(shards.read(sid)[1])))
-        except (OSError, EOFError, BadSample):
-            continue
-        if len(images) == batch_size:
-            flush()
-    flush()
     model.train(was_training)
     return {k: v / max(count, 1) for k, v in sums.items()} | {"samples": count}

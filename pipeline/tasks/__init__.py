@@ -12,19 +12,21 @@ from typing import Any, Iterable, Iterator, Protocol
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.data.loader import SampleDecoder
+from pipeline.data.decoders import SampleDecoder
 
 
 class Task(Protocol):
     model: torch.nn.Module  # what DeepSpeed wraps (every trainable parameter lives here)
-    decoder: SampleDecoder  # training samples -> batch tensors (runs in the loader workers)
+    decoder: SampleDecoder  # training samples -> batches (loader workers) -> the device (`decoder.to_device`)
     flops_per_sample: float  # forward + backward model FLOPs, for TFLOP/s and MFU
 
     def param_groups(self) -> list[dict] | None:
         """AdamW parameter groups (e.g. layer-wise lr decay), or None for the default decay / no-decay split."""
 
-    def loss(self, engine, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, dict]:
-        """Forward through `engine` and the loss; the dict holds detached scalars for the metrics."""
+    def loss(self, engine, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        """Forward through `engine` and the objective; the dict holds detached scalars for the metrics. `batch` is
+        already on the device, normalised and in the compute dtype: the loop calls `decoder.to_device` on each
+        micro-batch first."""
 
     def evaluate(self, model: torch.nn.Module) -> dict:
         """Evaluation of the (full, gathered) model; {} when the config has no held-out data. Runs on rank 0
@@ -43,7 +45,7 @@ def step_losses(task: Task, engine, batches: Iterable[dict], device: torch.devic
     own = getattr(task, "step_losses", None)
     if own is not None:
         return own(engine, batches, device)
-    return (task.loss(engine, batch, device) for batch in batches)
+    return (task.loss(engine, batch) for batch in batches)
 
 
 def check_task(cfg: RunConfig) -> None:

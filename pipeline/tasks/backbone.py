@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.loader import ImageLabelDecoder, expand_shards, local_shards
+from pipeline.data.decoders import ImageLabelDecoder, MaskedImageDecoder
+from pipeline.data.loader import expand_shards, local_shards
 from pipeline.models.backbone import (BackboneNameError, backbone_info, backbone_transforms, create_backbone,
                                       load_backbone_weights, resolve_backbone)
 from pipeline.models.pretrained import check_source, read_state_dict
 from pipeline.objectives.classification import MixConfig, batch_rng, classification_loss, mix_batch
-from pipeline.objectives.simmim import MaskedImageDecoder, SimMIM, evaluate_reconstruction
+from pipeline.objectives.simmim import SimMIM, evaluate_reconstruction
 from pipeline.train.layer_decay import layer_decay_param_groups
-from pipeline.train.engine import compute_dtype
 from pipeline.train.flops import forward_flops, step_flops, trains
 
 
@@ -103,16 +103,15 @@ class SupervisedTask(_BackboneTask):
         self.mix = MixConfig(l.mixup, l.cutmix, l.mix_prob, l.mix_switch_prob, l.label_smoothing)
         self.flops_per_sample = self._step_flops()
 
-    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-        dtype = compute_dtype(engine)
-        images, labels = self.decoder.image.model_input(batch["images"], device, dtype), batch["labels"].to(device, non_blocking=True)
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        images, labels = batch["images"], batch["labels"]
         targets = labels
         if self.mix.enabled:  # the mix is a function of the batch's place in the stream: resumes redraw it
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             images, targets, _ = mix_batch(images, labels, self.model.num_classes, self.mix,
                                            batch_rng(self.cfg.train.seed, batch["epoch"], batch["offset"], rank))
         logits = engine(images)
-        loss = classification_loss(logits, targets.to(device, non_blocking=True), self.cfg.loss.label_smoothing)
+        loss = classification_loss(logits, targets, self.cfg.loss.label_smoothing)
         # a device tensor, read at log steps only (no host synchronisation per step)
         stats = {} if self.mix.enabled else {"train_top1": (logits.detach().argmax(-1) == labels).float().mean()}
         return loss, stats
@@ -135,9 +134,8 @@ class SimMIMTask(_BackboneTask):
         # the encoder with the mask token applied and the pixel decoder, as a step runs them
         self.flops_per_sample = self._step_flops(torch.zeros(1, *info.grid_size, dtype=torch.bool, device="meta"))
 
-    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-        dtype = compute_dtype(engine)
-        out = engine(self.decoder.image.model_input(batch["images"], device, dtype), batch["masks"].to(device, non_blocking=True))
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        out = engine(batch["images"], batch["masks"])
         return out["loss"], {}
 
     def evaluate(self, model: torch.nn.Module) -> dict:

@@ -12,13 +12,13 @@ import open_clip
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.loader import ImageTextDecoder, expand_shards, local_shards
+from pipeline.data.decoders import ImageTextDecoder
+from pipeline.data.loader import expand_shards, local_shards
 from pipeline.eval.class_prompts import load_class_prompts
 from pipeline.models.clip import check_model_name, clip_step_flops, create_clip, promote_scalar_params
 from pipeline.models.pretrained import check_clip_pretrained, load_clip_pretrained
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
-from pipeline.train.engine import compute_dtype
 from pipeline.train.full_batch_accumulation import full_batch_losses
 
 
@@ -100,22 +100,17 @@ class ContrastiveTask:
         return groups + [{**home, "params": [bias], "weight_decay": 0.0,
                           "lr": home.get("lr", t.lr) * bias_scale}]
 
-    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
-        return self._loss_of(self._encode(engine, batch, device))
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
+        return self._loss_of(engine(batch["images"], batch["texts"]))
 
     def step_losses(self, engine, batches: Iterable[dict],
                     device: torch.device) -> Iterator[tuple[torch.Tensor, dict]]:
         """With train.grad_accum > 1 the loss of each micro-batch spans the whole step's batch: negatives from
         every micro-batch of every rank (pipeline/train/full_batch_accumulation.py)."""
         if self.cfg.train.grad_accum == 1:
-            return (self.loss(engine, batch, device) for batch in batches)
-        return full_batch_losses(lambda batch: self._encode(engine, batch, device), self._loss_of, batches,
+            return (self.loss(engine, batch) for batch in batches)
+        return full_batch_losses(lambda batch: engine(batch["images"], batch["texts"]), self._loss_of, batches,
                                  ("image_features", "text_features"), device)
-
-    def _encode(self, engine, batch: dict, device: torch.device) -> dict:
-        dtype = compute_dtype(engine)
-        return engine(self.decoder.image.model_input(batch["images"], device, dtype),
-                      batch["texts"].to(device, non_blocking=True))
 
     def _loss_of(self, out: dict) -> tuple[torch.Tensor, dict]:
         loss = contrastive_loss(out, self.cfg)

@@ -22,21 +22,17 @@ disjoint demo, at the same samples and time, mixed batches gave text -> thermal 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.errors import BadSample
-from pipeline.data.loader import FetchSpec, ShardSet, expand_shards, expand_sources, image_member
-from pipeline.data.modalities import MODALITY_MEMBERS, decode_modality, make_modality_transform
+from pipeline.data.decoders import ModalityDecoder, carries
+from pipeline.data.loader import FetchSpec, ShardSet, expand_shards, expand_sources
+from pipeline.data.modalities import make_modality_transform
 from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
 from pipeline.objectives.binding_loss import binding_loss_share, rank_counts
-from pipeline.train.engine import compute_dtype
 from pipeline.train.flops import forward_flops, step_flops, trains
 
 
@@ -76,47 +72,6 @@ def check(cfg: RunConfig) -> None:
 def _decode_options(cfg: RunConfig, modality: str) -> dict:
     return {"audio": {"sample_rate": cfg.imagebind.sample_rate},
             "depth": {"depth_scale": cfg.imagebind.depth_scale}}.get(modality, {})
-
-
-def carries(raw: dict[str, bytes], modality: str) -> bool:
-    """Whether a sample ({ext: bytes}) has a member of `modality`."""
-    return any(ext in raw for ext in MODALITY_MEMBERS[modality])
-
-
-class ModalityDecoder:
-    """image + each configured modality the sample carries -> {"images", "<modality>": input tensor,
-    "converted": conversions}. A sample carrying none of them is skipped (BadSample "missing_modality") and
-    counted; a member that fails to decode skips the sample with the decoder's reason (e.g. "bad_audio").
-
-    `collate` stacks the images of all samples and, per modality, the inputs of the samples that carry it with
-    their rows in the batch ("<modality>_rows", int64); a modality no sample carries has neither key."""
-
-    def __init__(self, image_transform, modality_transforms: dict, decode_options: dict, reduced_decode: bool):
-        self.image, self.modality_transforms = ImageToTensor(image_transform, reduced_decode), modality_transforms
-        self.decode_options = decode_options
-
-    def sample(self, raw: dict[str, bytes]) -> dict[str, Any]:
-        present = [m for m in self.modality_transforms if carries(raw, m)]
-        if not present:
-            raise BadSample("missing_modality")
-        out: dict[str, Any] = {"images": self.image(image_member(raw))}
-        converted = Counter()
-        for m in present:
-            decoded = decode_modality(raw, m, **self.decode_options[m])
-            converted.update(decoded.conversions)
-            out[m] = self.modality_transforms[m](decoded.value)
-        out["converted"] = converted
-        return out
-
-    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"images": torch.stack([s["images"] for s in samples]),
-                                 "converted": sum((s["converted"] for s in samples), Counter())}
-        for m in self.modality_transforms:
-            rows = [i for i, s in enumerate(samples) if m in s]
-            if rows:
-                batch[m] = torch.stack([samples[i][m] for i in rows])
-                batch[f"{m}_rows"] = torch.tensor(rows, dtype=torch.int64)
-        return batch
 
 
 def modality_input_shape(config) -> tuple[int, ...]:
@@ -166,12 +121,11 @@ class ImageBindTask:
     def param_groups(self) -> list[dict]:
         return self.model.parameter_groups(self.cfg.train.lr, self.cfg.train.weight_decay, self.ib.tower_lr_scale)
 
-    def loss(self, engine, batch: dict, device: torch.device) -> tuple[torch.Tensor, dict]:
+    def loss(self, engine, batch: dict) -> tuple[torch.Tensor, dict]:
         """Mean over the modalities present in the global batch of each one's loss over all ranks' pairs.
         Every encoder runs on every rank, on an empty batch where this rank has no sample of its modality, so
         every rank's gradients cover the same parameters (DeepSpeed reduces them in the same buckets)."""
-        dtype = compute_dtype(engine)
-        images = self.decoder.image.model_input(batch["images"], device, dtype)
+        images = batch["images"]
         mods = self.ib.modalities
         local = [int(batch[f"{m}_rows"].numel()) if f"{m}_rows" in batch else 0 for m in mods]
         table = rank_counts(local)  # the same on every rank: which modality runs which collective
@@ -180,11 +134,11 @@ class ImageBindTask:
             sizes = [row[j] for row in table]
             if f"{m}_rows" in batch:
                 rows = batch[f"{m}_rows"]
-                img = images if rows.numel() == images.shape[0] else images[rows.to(device)]
-                inputs = batch[m].to(device, dtype, non_blocking=True)
+                img = images if rows.numel() == images.shape[0] else images[rows]
+                inputs = batch[m]
             else:
                 img = images[:0]
-                inputs = torch.zeros((0, *modality_input_shape(self.encoder_configs[m])), device=device, dtype=dtype)
+                inputs = images.new_zeros((0, *modality_input_shape(self.encoder_configs[m])))
             out = engine(img, m, inputs)
             stats[f"samples/{m}"] = sum(sizes)
             stats[f"logit_scale/{m}"] = out["logit_scale"].detach().float().reshape(())

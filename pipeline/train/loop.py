@@ -1,8 +1,9 @@
 """The training run: validate -> process group -> task (model, decoder, loss) -> engine -> resume -> steps ->
 checkpoints -> eval. The same loop trains every task (pipeline/tasks/).
 
-A sample's path: shards (pipeline/data/loader.py) -> the task's decoder in the loader workers -> the task's
-model and loss (e.g. pipeline/tasks/contrastive.py) -> DeepSpeed step (pipeline/train/engine.py).
+A sample's path: shards (pipeline/data/loader.py) -> the task's decoder in the loader workers -> the decoder's
+`to_device` here (pipeline/data/decoders.py) -> the task's model and loss (e.g. pipeline/tasks/contrastive.py)
+-> DeepSpeed step (pipeline/train/engine.py).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from pipeline.train.checkpoint import (checkpoint_meta, complete_checkpoints, fi
                                        remove_partials, save_checkpoint, vet_checkpoint)
 from pipeline.train.distributed import DistEnv, host_group, init_process_group
 from pipeline.train.ema import WeightEMA, read_ema
-from pipeline.train.engine import build_engine
+from pipeline.train.engine import build_engine, compute_dtype
 from pipeline.train.metrics import MetricsLog
 from pipeline.train.nonfinite import NonFiniteGuard, check_weights_finite
 from pipeline.train.profiling import StepProfiler
@@ -220,7 +221,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     rng = torch.get_rng_state()
     batches = iter(make_train_loader(dataset, cfg.data.workers, pin_memory=use_cuda))
     torch.set_rng_state(rng)
-    device = engine.device
+    device, dtype = engine.device, compute_dtype(engine)
     metrics = (MetricsLog(out_dir, t.steps, start_step, t.progress, t.report_to, t.wandb_project, to_dict(cfg))
                if is_main else None)
     keys_log = SampleKeyLog(out_dir, env.rank, start_step) if cfg.data.log_sample_keys else None
@@ -252,7 +253,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
             position = StreamPosition.from_dict(batch["next"])
             budget.add(batch, t.batch_size)
             step_keys += batch["keys"]
-            yield batch
+            yield task.decoder.to_device(batch, device, dtype)
 
     loss_sum = torch.zeros((), device=device)
     nonfinite = NonFiniteGuard(t.max_nonfinite_steps, device)

@@ -45,7 +45,8 @@ def test_create_clip_swaps_the_timm_trunk_keeping_open_clips_state_dict():
 def _check_export(run, export, val, step):
     """Plain open_clip loads the export (with the force_image_size the export records) and gives the embeddings
     of our model with the checkpoint's weights; the image trunk alone loads in plain timm."""
-    from pipeline.data.loader import ShardSet, expand_shards, iterate_eval_samples
+    from pipeline.data.eval_loader import iterate_eval_samples
+    from pipeline.data.loader import ShardSet, expand_shards
 
     kwargs = open_clip_export_kwargs(export)
     assert kwargs == {"force_image_size": 64}

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pipeline.models.backbone import create_backbone
-from pipeline.objectives.simmim import (MaskedImageDecoder, SimMIM, local_normalise, mask_patch_count, pixel_mask,
+from pipeline.data.decoders import MaskedImageDecoder
+from pipeline.objectives.simmim import (SimMIM, local_normalise, mask_patch_count, pixel_mask,
                                         random_patch_mask, simmim_loss)
 
 

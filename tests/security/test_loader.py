@@ -24,8 +24,9 @@ from conftest import CaptionDecoder
 from pipeline.config import DataConfig
 from pipeline.data.errors import BadSample, DataError
 from pipeline.data.image_decode import ImageToTensor
-from pipeline.data.loader import (FetchSpec, ImageLabelDecoder, ImageTextBatches, LoaderSpec, ShardBatches,
-                                  ShardSet, expand_sources, make_train_loader)
+from pipeline.data.decoders import ImageLabelDecoder
+from pipeline.data.loader import (FetchSpec, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, expand_sources,
+                                  make_train_loader)
 from pipeline.data.manifest import MANIFEST_NAME
 from pipeline.data.remote import PipeSource, fetch_pipe, resolve_sources
 from pipeline.data.shard_index import index_path, load_or_build_index, scan_tar

@@ -23,8 +23,9 @@ import webdataset as wds
 from PIL import Image
 
 from pipeline.__main__ import main
+from pipeline.data.decoders import decode_caption, image_member
 from pipeline.data.image_decode import decode_image
-from pipeline.data.loader import ShardSet, decode_caption, expand_shards, image_member
+from pipeline.data.loader import ShardSet, expand_shards
 from pipeline.data.shard_index import index_path, load_or_build_index
 from pipeline.shard.images import ImageFailure, ImageSettings, process_image
 from pipeline.shard.options import ShardOptions

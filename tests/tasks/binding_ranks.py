@@ -15,7 +15,7 @@ from pipeline.config import RunConfig, resolve_batch
 from pipeline.demo_data.multimodal import render_multimodal_sample
 from pipeline.tasks.imagebind import ImageBindTask
 from pipeline.train.distributed import init_process_group, read_dist_env
-from pipeline.train.engine import build_engine
+from pipeline.train.engine import build_engine, compute_dtype
 
 # per sample of the global batch: the members it keeps (all carry jpg + txt)
 CARRIES = ["wav", "wav", "wav", "wav",  # rank 0 of 2: audio only
@@ -50,7 +50,7 @@ def main(out_path: str, zero_stage: int) -> None:
         samples.append(task.decoder.sample(raw))
     batch = task.decoder.collate(samples)
 
-    loss, stats = task.loss(engine, batch, engine.device)
+    loss, stats = task.loss(engine, task.decoder.to_device(batch, engine.device, compute_dtype(engine)))
     engine.backward(loss)
     grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.named_parameters()
              if name.startswith("encoders.")}

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from pipeline.config import load_config, resolve_batch
 from pipeline.tasks import build_task, step_losses
 from pipeline.train.distributed import init_process_group, read_dist_env
-from pipeline.train.engine import build_engine
+from pipeline.train.engine import build_engine, compute_dtype
 
 BASE = ["model.name=clip-tiny", "train.precision=fp32", "train.grad_clip=0", "train.steps=10",
         "train.warmup_steps=1"]
@@ -55,7 +55,8 @@ def main(out: str, overrides: list[str]) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     losses, grads = [], None
-    for loss, _ in step_losses(task, engine, iter(batches), engine.device):
+    on_device = (task.decoder.to_device(b, engine.device, compute_dtype(engine)) for b in batches)  # as the loop
+    for loss, _ in step_losses(task, engine, on_device, engine.device):
         engine.backward(loss)
         if engine.is_gradient_accumulation_boundary():
             grads = {name: safe_get_full_grad(p).detach().clone() for name, p in model.named_parameters()}

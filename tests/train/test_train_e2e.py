@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import DEMO_CONFIG, REPO, run_pipeline, train_overrides
-from pipeline.data.loader import ShardSet, expand_shards, iterate_eval_samples
+from pipeline.data.eval_loader import iterate_eval_samples
+from pipeline.data.loader import ShardSet, expand_shards
 from pipeline.export import consolidated_state_dict
 from pipeline.models.clip import create_clip, load_state_dict_reshaped
 from pipeline.train.metrics import read_metrics
