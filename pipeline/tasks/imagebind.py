@@ -29,7 +29,7 @@ import torch
 from pipeline.config import ConfigError, RunConfig
 from pipeline.data.decoders import ModalityDecoder, carries
 from pipeline.data.loader import FetchSpec, ShardSet, expand_shards, expand_sources
-from pipeline.data.modalities import make_modality_transform
+from pipeline.data.modality_transforms import make_modality_transform
 from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
 from pipeline.objectives.binding_loss import binding_loss_share, rank_counts

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from pipeline.data.loader import BadSample
-from pipeline.data.modalities import (AudioTransform, DepthTransform, IMUTransform, ThermalTransform, decode_audio,
-                                      decode_depth, decode_imu, decode_modality, decode_thermal, depth_to_disparity,
-                                      parse_wav, resample)
+from pipeline.data.modalities import (decode_audio, decode_depth, decode_imu, decode_modality, decode_thermal,
+                                      depth_to_disparity, parse_wav, resample)
+from pipeline.data.modality_transforms import AudioTransform, DepthTransform, IMUTransform, ThermalTransform
 
 
 def pcm_wav(x: np.ndarray, rate: int, width: int) -> bytes:

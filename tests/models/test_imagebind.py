@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.loader import BadSample
-from pipeline.data.modalities import DepthTransform, decode_depth, depth_to_disparity
+from pipeline.data.modalities import decode_depth, depth_to_disparity
+from pipeline.data.modality_transforms import DepthTransform
 from pipeline.models.imagebind import (IMAGEBIND_HUGE, MODALITIES, EncoderConfig, ModalityEncoder,
                                        build_imagebind, encoder_config, export_encoder, export_imagebind, load_encoder,
                                        load_imagebind, tiny_config)
