@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration value; the message is meant to be shown to the user as is."""
 
 
