@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.errors import UserError
+from pipeline.launcher import launch_torchrun
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-class UserError(Exception):
-    """Shown as a single line; exit code 2."""
 
 
 def _quiet_libraries() -> None:
@@ -25,24 +22,6 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-
-
-def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Starts `nproc` ranks of `python -m pipeline <argv>` under torchrun on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipeline", *argv]
-    import torch
-
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's accelerator probing and its warning
-    child = subprocess.Popen(cmd, env=env)
-    # A scheduler's notice to this process is passed on as SIGTERM, which torchrun forwards to the ranks (they
-    # checkpoint and exit 75); torchrun itself would die on SIGUSR1
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda _signum, _frame: child.send_signal(signal.SIGTERM))
-    return child.wait()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -57,7 +36,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     env = read_dist_env()
     if not env.launched and args.nproc_per_node > 1:
         validate_run(cfg, args.nproc_per_node, check_resume_files=True)  # fail here, before any process starts
-        rc = _torchrun(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])
+        rc = launch_torchrun(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])
         if rc and (Path(cfg.train.out_dir) / PREEMPTED_MARKER).is_file():
             return PREEMPTION_EXIT_CODE  # torchrun reports any worker exit as 1; the ranks exited 75
         return rc
@@ -157,15 +136,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.plan import format_plan, gpus_from_args, plan_run
 
+    from pipeline.tasks.registry import task_class
+
     cfg = load_config(args.config, args.overrides)
-    try:
-        gpus = gpus_from_args(args.gpus, args.nodes, args.gpus_per_node)
-        plan = plan_run(cfg, gpus, gpu_mem_gb=args.gpu_mem_gb, mfu=args.mfu, peak_tflops=args.peak_tflops,
-                        overhead_gb=args.overhead_gb, fused_attention=not args.unfused_attention)
-    except ValueError as e:
-        if type(e) is not ValueError:  # ConfigError / ModelNameError: main() prints them
-            raise
-        raise UserError(str(e)) from None
+    gpus = gpus_from_args(args.gpus, args.nodes, args.gpus_per_node)
+    plan = plan_run(cfg, gpus, gpu_mem_gb=args.gpu_mem_gb, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                    overhead_gb=args.overhead_gb, fused_attention=not args.unfused_attention,
+                    model=task_class(cfg.task).plan_model(cfg))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 
@@ -192,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_shard(args: argparse.Namespace) -> int:
     from pipeline.shard.images import ENCODE_FORMATS, ImageSettings
     from pipeline.shard.options import ShardOptions, parse_size
-    from pipeline.shard.rows import Columns, InputError
+    from pipeline.shard.rows import Columns
     from pipeline.shard.run import format_summary, run_shard
 
     resize_mode = args.resize_mode or ("keep_ratio" if args.image_size else "none")
@@ -221,8 +198,6 @@ def cmd_shard(args: argparse.Namespace) -> int:
             max_failure_rate=args.max_failure_rate,
             overwrite=args.overwrite, progress=sys.stderr.isatty() if args.progress is None else args.progress)
         summary = run_shard(opts)
-    except InputError as e:
-        raise UserError(str(e)) from None
     except OSError as e:  # a full disk, a read-only output, an input gone mid-run: complete shards are kept
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"shard: {e.strerror or e}{where}; complete shards are kept: rerun the same command "
@@ -364,15 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from pipeline.config import ConfigError
-    from pipeline.data.loader import DataError
-    from pipeline.models.clip import ModelNameError
-    from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.nonfinite import NonFiniteError
-
     try:
         return args.func(args)
-    except (UserError, ConfigError, DataError, ModelNameError, CheckpointError, NonFiniteError) as e:
+    except UserError as e:  # ConfigError, CheckpointError, DataError, ...: pipeline/errors.py
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
