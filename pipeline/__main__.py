@@ -44,20 +44,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_for_eval(path: str):
-    """(model, eval_transform, tokenizer) from an open_clip directory, a checkpoint or a run directory."""
-    import open_clip
-
-    from pipeline.export import load_model_from_checkpoint, open_clip_export_kwargs
-
-    p = Path(path)
-    if (p / "open_clip_config.json").is_file():
-        model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{p}", **open_clip_export_kwargs(p))
-        return model, eval_tf, open_clip.get_tokenizer(f"local-dir:{p}")
-    model, _, eval_tf, tokenizer, _ = load_model_from_checkpoint(_checkpoint(path))
-    return model, eval_tf, tokenizer
-
-
 def _checkpoint(path: str) -> Path:
     from pipeline.train.checkpoint import resolve_checkpoint
 
@@ -68,46 +54,114 @@ def _checkpoint(path: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """An open_clip directory: zero-shot and retrieval on --val. A checkpoint or run directory: the evaluation of
+    the task its config names, on --val or else the run's own data.val."""
     import json
 
     import torch
 
     from pipeline.data.loader import expand_shards
     from pipeline.eval.class_prompts import load_class_prompts
-    from pipeline.eval.zero_shot import evaluate, format_results
     from pipeline.train.distributed import init_process_group, read_dist_env
 
-    expand_shards(args.val, "--val")
+    if args.val:
+        expand_shards(args.val, "--val")
     if args.classes:
         load_class_prompts(args.classes, "--classes")
-    if args.batch_size <= 0 or args.workers < 0 or args.nproc_per_node <= 0:
+    if ((args.batch_size is not None and args.batch_size <= 0) or (args.workers is not None and args.workers < 0)
+            or args.nproc_per_node <= 0):
         raise UserError("--batch-size and --nproc-per-node must be > 0, --workers >= 0")
+    open_clip_dir = (Path(args.model) / "open_clip_config.json").is_file()
+    if open_clip_dir:
+        if not args.val:
+            raise UserError(f"--val: {args.model} is an open_clip directory, which names no held-out data; give "
+                            f"the shards to evaluate on")
+        task_cls = cfg = ckpt = None
+    else:
+        from pipeline.config import load_config
+        from pipeline.tasks.registry import checkpoint_task
+
+        ckpt = _checkpoint(args.model)
+        task_cls = checkpoint_task(ckpt)
+        cfg = load_config(ckpt / "config.yaml", _eval_overrides(args))
+        missing = [key for key in task_cls.eval_data_keys if not _config_value(cfg, key)]
+        if missing:
+            raise UserError(f"{ckpt}: its config (task={cfg.task}) has no {' / '.join(missing)} to evaluate on; "
+                            f"give --val SHARDS or set {missing[0]} in {ckpt / 'config.yaml'}")
+        if args.nproc_per_node > 1 and not task_cls.evaluates_on_all_ranks:
+            raise UserError(f"--nproc-per-node: task={cfg.task} evaluates in one process; leave it at 1")
     env = read_dist_env()
     if not env.launched and args.nproc_per_node > 1:
-        return _torchrun(args.nproc_per_node, [
-            "eval", "--model", args.model, "--val", args.val, "--classes", args.classes, "--batch-size",
-            str(args.batch_size), "--workers", str(args.workers), "--out", args.out])
+        return launch_torchrun(args.nproc_per_node, ["eval", "--model", args.model, *_eval_options(args)])
     use_cuda = torch.cuda.is_available()
     if env.launched:
         if use_cuda:
             torch.cuda.set_device(env.local_rank)
         init_process_group(env, "nccl" if use_cuda else "gloo")
-    model, eval_tf, tokenizer = _load_for_eval(args.model)
-    if use_cuda:
-        model.cuda()
-    results = evaluate(model, eval_tf, tokenizer, args.val, args.classes, args.batch_size, workers=args.workers,
-                       classes_key="--classes")
-    if env.rank == 0:
-        print(format_results(results), flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+    if open_clip_dir:
+        results = _evaluate_open_clip_dir(Path(args.model), args, use_cuda)
+        if env.rank == 0:
+            from pipeline.eval.zero_shot import format_results
+
+            print(format_results(results), flush=True)
+    else:
+        task = task_cls.from_checkpoint(ckpt, cfg=cfg)
+        model = task.model.cuda() if use_cuda else task.model
+        results = task.evaluate(model)  # prints the task's own summary line(s) on rank 0
+    if env.rank == 0 and args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_checkpoint, open_clip_export_kwargs
-    from pipeline.export_target import ExportTargetError, check_export_target
+def _eval_overrides(args: argparse.Namespace) -> list[str]:
+    """The eval verb's options as overrides of the checkpoint's config: --val replaces the run's held-out data
+    (and its classes with --classes, none when not given), --batch-size / --workers its eval settings."""
+    overrides = []
+    if args.val:
+        overrides += [f"data.val={args.val}", f"data.classes={args.classes or ''}"]
+    elif args.classes:
+        overrides.append(f"data.classes={args.classes}")
+    if args.batch_size is not None:
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    if args.workers is not None:
+        overrides.append(f"data.workers={args.workers}")
+    return overrides
 
+
+def _eval_options(args: argparse.Namespace) -> list[str]:
+    """The options each rank started by --nproc-per-node gets (the ones given here)."""
+    given = {"--val": args.val, "--classes": args.classes, "--batch-size": args.batch_size,
+             "--workers": args.workers, "--out": args.out}
+    return [part for flag, value in given.items() if value not in (None, "") for part in (flag, str(value))]
+
+
+def _config_value(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _evaluate_open_clip_dir(path: Path, args: argparse.Namespace, use_cuda: bool) -> dict:
+    """Zero-shot classification and retrieval of an open_clip directory (an export of ours, or any other)."""
+    import open_clip
+
+    from pipeline.eval.zero_shot import evaluate
+    from pipeline.export import open_clip_export_kwargs
+
+    model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{path}", **open_clip_export_kwargs(path))
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    if use_cuda:
+        model.cuda()
+    return evaluate(model, eval_tf, tokenizer, args.val, args.classes or "",
+                    256 if args.batch_size is None else args.batch_size,
+                    workers=2 if args.workers is None else args.workers, classes_key="--classes")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import open_clip_export_kwargs
+    from pipeline.export_target import ExportTargetError, check_export_target
+    from pipeline.tasks.registry import export_checkpoint
     from pipeline.train.ema import EMA_FILE
 
     ckpt = _checkpoint(args.checkpoint)
@@ -148,21 +202,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.config import load_config
+    from pipeline.tasks.registry import task_class
 
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be >= 1, not {args.nproc_per_node}")
     if not Path(args.config).is_file():
         raise UserError(f"--config: file not found: {args.config}")
-    from pipeline.config import load_config
-
-    if load_config(args.config).task == "imagebind":
-        from pipeline.demo import run_imagebind_demo
-
-        run_imagebind_demo(Path(args.out), Path(args.config), steps=args.steps, nproc=args.nproc_per_node)
-        return 0
-    run_demo(Path(args.out), Path(args.config), steps=args.steps, nproc=args.nproc_per_node,
-             train_samples=args.train_samples)
+    task_class(load_config(args.config).task).run_demo(Path(args.out), Path(args.config), steps=args.steps,
+                                                       nproc=args.nproc_per_node, train_samples=args.train_samples)
     return 0
 
 
@@ -262,19 +310,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.grad_accum=2")
     pl.set_defaults(func=cmd_plan)
 
-    e = sub.add_parser("eval", help="zero-shot classification and retrieval recall@k on held-out shards")
-    e.add_argument("--model", required=True, help="open_clip export dir, checkpoint dir or run dir")
-    e.add_argument("--val", required=True, help="held-out shard pattern (braceexpand)")
-    e.add_argument("--classes", default="", help="zero-shot classes: 'imagenet' (names and templates from "
-                   "open_clip), a JSON list of class names, or a JSON {'classes': [...], 'templates': [...]}")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--workers", type=int, default=2, help="loader processes per rank decoding the images")
+    e = sub.add_parser("eval", help="evaluate a checkpoint of any task (its own evaluation), or an open_clip "
+                       "directory (zero-shot classification and retrieval recall@k), on held-out shards",
+                       description="A checkpoint or run directory is evaluated as its task evaluates during "
+                       "training (clip: zero-shot and retrieval; supervised / simmim: classifier, kNN, linear "
+                       "probe, reconstruction; imagebind: emergent zero-shot per modality), on --val or else "
+                       "the run's data.val. An open_clip directory needs --val.")
+    e.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="checkpoint dir (step_XXXXXXXX), run dir (its newest checkpoint) or open_clip export dir")
+    e.add_argument("--val", default="", help="held-out shard pattern (braceexpand); default: the run's data.val")
+    e.add_argument("--classes", default=None, help="zero-shot classes: 'imagenet' (names and templates from "
+                   "open_clip), a JSON list of class names, or a JSON {'classes': [...], 'templates': [...]}; "
+                   "default: the run's data.classes (none with --val)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="default: the run's eval.batch_size (256 for an open_clip directory)")
+    e.add_argument("--workers", type=int, default=None,
+                   help="loader processes per rank decoding the images (default: the run's data.workers; 2)")
     e.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
                    help="spread the evaluation over this many local ranks (started with torchrun)")
     e.add_argument("--out", default="", help="also write the results as JSON here")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="checkpoint (any ZeRO stage) -> open_clip directory")
+    x = sub.add_parser("export", help="checkpoint (any ZeRO stage) -> the task's format: open_clip directory "
+                       "(clip), timm directory (supervised, simmim), ImageBind encoders (imagebind)")
     x.add_argument("--checkpoint", required=True, help="checkpoint dir (step_XXXXXXXX) or run dir (its newest)")
     x.add_argument("--out", required=True, help="output directory: new, empty, or a previous export (replaced "
                    "atomically); anything else is refused")
@@ -287,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run config (e.g. configs/siglip/tiny_demo.yaml for the sigmoid loss)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     d.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="ranks to train with")
-    d.add_argument("--train-samples", type=int, default=20000, help="size of the generated training split")
+    d.add_argument("--train-samples", type=int, default=None,
+                   help="size of the generated training split (default: 20000; ImageBind's demo: 6000)")
     d.set_defaults(func=cmd_demo)
 
     h = sub.add_parser("shard", help="parquet/CSV/JSONL tables, image folders or tars -> indexed WebDataset shards",
