@@ -159,28 +159,20 @@ def _evaluate_open_clip_dir(path: Path, args: argparse.Namespace, use_cuda: bool
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import open_clip_export_kwargs
     from pipeline.export_target import ExportTargetError, check_export_target
-    from pipeline.tasks.registry import export_checkpoint
+    from pipeline.tasks.registry import checkpoint_task
     from pipeline.train.ema import EMA_FILE
 
     ckpt = _checkpoint(args.checkpoint)
     if args.ema and not (ckpt / EMA_FILE).is_file():
         raise UserError(f"--ema: {ckpt} holds no weight EMA (train with train.ema_decay > 0, e.g. 0.9998)")
+    task_cls = checkpoint_task(ckpt)
     try:
         check_export_target(args.out, ckpt)  # before any work; checked again when the export is in place
-        out = export_checkpoint(ckpt, args.out, ema=args.ema)
+        out = task_cls.export(ckpt, args.out, ema=args.ema)
     except ExportTargetError as e:
         raise UserError(f"--out: {e}") from None
-    if (out / "config.json").is_file():
-        print(f"timm directory written: {out} (load with timm.create_model('local-dir:{out}', pretrained=True))")
-        return 0
-    if not (out / "open_clip_config.json").is_file():
-        print(f"ImageBind export written: {out} (load with pipeline.models.imagebind.load_imagebind('{out}'), "
-              f"or one encoder with load_encoder('{out}/<modality>'))")
-        return 0
-    print(f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'"
-          f"{''.join(f', {k}={v!r}' for k, v in open_clip_export_kwargs(out).items())}))")
+    print(task_cls.export_written(out))
     return 0
 
 

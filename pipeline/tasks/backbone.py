@@ -67,6 +67,10 @@ class _BackboneTask(TaskBase):
         images = torch.empty(1, info.in_chans, *info.img_size, device="meta")
         return step_flops(forward_flops(self.model, images, *inputs), trains(self.model.parameters()))
 
+    @classmethod
+    def export_written(cls, out) -> str:
+        return f"timm directory written: {out} (load with timm.create_model('local-dir:{out}', pretrained=True))"
+
     def param_groups(self) -> list[dict]:
         t = self.cfg.train
         return layer_decay_param_groups(self.model, t.lr, t.weight_decay, t.layer_decay)

@@ -63,6 +63,11 @@ class TaskBase:
         raise NotImplementedError(f"{cls.__name__} has no export")
 
     @classmethod
+    def export_written(cls, out: Path) -> str:
+        """The line `python -m pipeline export` prints: where the export is and how to load it."""
+        return f"export written: {out}"
+
+    @classmethod
     def run_demo(cls, out: Path, config: Path, steps: int | None, nproc: int, train_samples: int | None) -> dict:
         """`python -m pipeline demo` with this task's config: the image demo data, training, evaluation, export."""
         from pipeline.demo import run_task_demo

@@ -85,6 +85,13 @@ class ContrastiveTask(TaskBase):
         return export_open_clip(checkpoint, out_dir, ema)
 
     @classmethod
+    def export_written(cls, out) -> str:
+        from pipeline.export import open_clip_export_kwargs
+
+        return (f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms("
+                f"'local-dir:{out}'{''.join(f', {k}={v!r}' for k, v in open_clip_export_kwargs(out).items())}))")
+
+    @classmethod
     def run_demo(cls, out, config, steps, nproc, train_samples) -> dict:
         from pipeline.demo import run_clip_demo
 

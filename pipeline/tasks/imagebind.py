@@ -100,6 +100,11 @@ class ImageBindTask(TaskBase):
         return export_imagebind(cls.from_checkpoint(resolve_checkpoint(checkpoint), ema).model, out_dir)
 
     @classmethod
+    def export_written(cls, out) -> str:
+        return (f"ImageBind export written: {out} (load with pipeline.models.imagebind.load_imagebind('{out}'), "
+                f"or one encoder with load_encoder('{out}/<modality>'))")
+
+    @classmethod
     def run_demo(cls, out, config, steps, nproc, train_samples) -> dict:
         from pipeline.demo import run_imagebind_demo
 
