@@ -95,9 +95,8 @@ class ImageBindTask(TaskBase):
         """`export_imagebind` layout: towers/ (open_clip directory) and one `<modality>/` encoder directory each
         (`pipeline.models.imagebind.load_encoder`)."""
         from pipeline.models.imagebind import export_imagebind
-        from pipeline.train.checkpoint import resolve_checkpoint
 
-        return export_imagebind(cls.from_checkpoint(resolve_checkpoint(checkpoint), ema).model, out_dir)
+        return export_imagebind(cls.from_checkpoint(checkpoint, ema).model, out_dir)
 
     @classmethod
     def export_written(cls, out) -> str:

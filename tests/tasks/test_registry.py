@@ -68,9 +68,7 @@ class MeanColourTask(TaskBase):
     def export(cls, checkpoint, out_dir, ema: bool = False) -> Path:
         from safetensors.torch import save_file
 
-        from pipeline.train.checkpoint import resolve_checkpoint
-
-        task = cls.from_checkpoint(resolve_checkpoint(checkpoint), ema)
+        task = cls.from_checkpoint(checkpoint, ema)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in task.model.state_dict().items()}, str(out / "model.safetensors"))
