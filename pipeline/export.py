@@ -83,8 +83,9 @@ def weights_fit(ckpt: Path, cfg: dict):
 
 
 def load_model_from_checkpoint(ckpt: Path, ema: bool = False):
-    """(model, train_transform, eval_transform, tokenizer, config dict) with the checkpoint's weights (its
-    weight EMA if `ema`)."""
+    """(model, train_transform, eval_transform, tokenizer, config dict): the open_clip model of a CLIP run's
+    checkpoint with its weights (its weight EMA if `ema`), as the open_clip export writes it. Any task's
+    checkpoint as its task builds it: `TaskBase.from_checkpoint` (pipeline/tasks/base.py)."""
     from pipeline.models.clip import create_clip, load_state_dict_reshaped
 
     cfg = checkpoint_config(ckpt)
