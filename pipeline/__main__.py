@@ -71,6 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if ((args.batch_size is not None and args.batch_size <= 0) or (args.workers is not None and args.workers < 0)
             or args.nproc_per_node <= 0):
         raise UserError("--batch-size and --nproc-per-node must be > 0, --workers >= 0")
+    env = read_dist_env()
     open_clip_dir = (Path(args.model) / "open_clip_config.json").is_file()
     if open_clip_dir:
         if not args.val:
@@ -88,9 +89,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if missing:
             raise UserError(f"{ckpt}: its config (task={cfg.task}) has no {' / '.join(missing)} to evaluate on; "
                             f"give --val SHARDS or set {missing[0]} in {ckpt / 'config.yaml'}")
-        if args.nproc_per_node > 1 and not task_cls.evaluates_on_all_ranks:
-            raise UserError(f"--nproc-per-node: task={cfg.task} evaluates in one process; leave it at 1")
-    env = read_dist_env()
+        if (args.nproc_per_node > 1 or env.world_size > 1) and not task_cls.evaluates_on_all_ranks:
+            raise UserError(f"--nproc-per-node: task={cfg.task} evaluates in one process; run it without "
+                            f"--nproc-per-node or a launcher")
     if not env.launched and args.nproc_per_node > 1:
         return launch_torchrun(args.nproc_per_node, ["eval", "--model", args.model, *_eval_options(args)])
     use_cuda = torch.cuda.is_available()
