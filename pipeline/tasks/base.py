@@ -42,9 +42,10 @@ class TaskBase:
     @classmethod
     def from_checkpoint(cls, ckpt: str | Path, ema: bool = False, cfg: RunConfig | None = None):
         """The task its config (`cfg`, else the checkpoint's config.yaml) describes, holding the checkpoint's (a
-        run directory: its newest checkpoint's) consolidated weights (its weight EMA if `ema`). The weights are read first: checkpoint_weights vets
-        every file before anything is unpickled (pipeline/train/checkpoint.py), and a refused checkpoint costs
-        no model build. The run's initial weights (model.pretrained) are not read: the checkpoint's replace them."""
+        run directory: its newest checkpoint's) consolidated weights (its weight EMA if `ema`). The weights are
+        read first: checkpoint_weights vets every file before anything is unpickled (pipeline/train/checkpoint.py),
+        and a refused checkpoint costs no model build. The run's initial weights (model.pretrained) are not read:
+        the checkpoint's replace them."""
         from pipeline.config import load_config
         from pipeline.export import checkpoint_config, checkpoint_weights, weights_fit
         from pipeline.models.clip import load_state_dict_reshaped
