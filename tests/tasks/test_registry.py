@@ -15,7 +15,8 @@ from PIL import Image
 
 from pipeline.__main__ import main
 from pipeline.config import RunConfig
-from pipeline.data.loader import ShardSet, expand_shards, image_member, local_shards
+from pipeline.data.decoders import image_member
+from pipeline.data.loader import ShardSet, expand_shards, local_shards
 from pipeline.tasks.base import TaskBase
 from pipeline.tasks.registry import TASKS
 from pipeline.train.metrics import read_metrics
@@ -33,6 +34,9 @@ class MeanColourDecoder:
     def collate(self, samples: list[dict]) -> dict:
         return {k: torch.stack([s[k] for s in samples]) for k in ("images", "targets")}
 
+    def to_device(self, batch: dict, device, dtype: torch.dtype) -> dict:
+        return {k: batch[k].to(device, dtype) for k in ("images", "targets")}
+
 
 class MeanColourTask(TaskBase):
     @classmethod
@@ -49,9 +53,8 @@ class MeanColourTask(TaskBase):
     def param_groups(self):
         return None
 
-    def loss(self, engine, batch: dict, device: torch.device):
-        pred = engine(batch["images"].to(device))
-        return torch.nn.functional.mse_loss(pred, batch["targets"].to(device)), {}
+    def loss(self, engine, batch: dict):
+        return torch.nn.functional.mse_loss(engine(batch["images"]), batch["targets"]), {}
 
     def evaluate(self, model: torch.nn.Module) -> dict:
         if not self.cfg.data.val:
