@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.errors import UserError
+from pipeline.launcher import launch_torchrun
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-class UserError(Exception):
-    """Shown as a single line; exit code 2."""
 
 
 def _quiet_libraries() -> None:
@@ -25,24 +22,6 @@ def _quiet_libraries() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-
-
-def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Starts `nproc` ranks of `python -m pipeline <argv>` under torchrun on this machine."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "pipeline", *argv]
-    import torch
-
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    if not torch.cuda.is_available():
-        env.setdefault("DS_ACCELERATOR", "cpu")  # spares DeepSpeed's accelerator probing and its warning
-    child = subprocess.Popen(cmd, env=env)
-    # A scheduler's notice to this process is passed on as SIGTERM, which torchrun forwards to the ranks (they
-    # checkpoint and exit 75); torchrun itself would die on SIGUSR1
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda _signum, _frame: child.send_signal(signal.SIGTERM))
-    return child.wait()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -57,26 +36,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     env = read_dist_env()
     if not env.launched and args.nproc_per_node > 1:
         validate_run(cfg, args.nproc_per_node, check_resume_files=True)  # fail here, before any process starts
-        rc = _torchrun(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])
+        rc = launch_torchrun(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])
         if rc and (Path(cfg.train.out_dir) / PREEMPTED_MARKER).is_file():
             return PREEMPTION_EXIT_CODE  # torchrun reports any worker exit as 1; the ranks exited 75
         return rc
     run_training(cfg, env)
     return 0
-
-
-def _load_for_eval(path: str):
-    """(model, eval_transform, tokenizer) from an open_clip directory, a checkpoint or a run directory."""
-    import open_clip
-
-    from pipeline.export import load_model_from_checkpoint, open_clip_export_kwargs
-
-    p = Path(path)
-    if (p / "open_clip_config.json").is_file():
-        model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{p}", **open_clip_export_kwargs(p))
-        return model, eval_tf, open_clip.get_tokenizer(f"local-dir:{p}")
-    model, _, eval_tf, tokenizer, _ = load_model_from_checkpoint(_checkpoint(path))
-    return model, eval_tf, tokenizer
 
 
 def _checkpoint(path: str) -> Path:
@@ -89,65 +54,126 @@ def _checkpoint(path: str) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """An open_clip directory: zero-shot and retrieval on --val. A checkpoint or run directory: the evaluation of
+    the task its config names, on --val or else the run's own data.val."""
     import json
 
     import torch
 
     from pipeline.data.loader import expand_shards
     from pipeline.eval.class_prompts import load_class_prompts
-    from pipeline.eval.zero_shot import evaluate, format_results
     from pipeline.train.distributed import init_process_group, read_dist_env
 
-    expand_shards(args.val, "--val")
+    if args.val:
+        expand_shards(args.val, "--val")
     if args.classes:
         load_class_prompts(args.classes, "--classes")
-    if args.batch_size <= 0 or args.workers < 0 or args.nproc_per_node <= 0:
+    if ((args.batch_size is not None and args.batch_size <= 0) or (args.workers is not None and args.workers < 0)
+            or args.nproc_per_node <= 0):
         raise UserError("--batch-size and --nproc-per-node must be > 0, --workers >= 0")
     env = read_dist_env()
+    open_clip_dir = (Path(args.model) / "open_clip_config.json").is_file()
+    if open_clip_dir:
+        if not args.val:
+            raise UserError(f"--val: {args.model} is an open_clip directory, which names no held-out data; give "
+                            f"the shards to evaluate on")
+        task_cls = cfg = ckpt = None
+    else:
+        from pipeline.config import load_config
+        from pipeline.tasks.registry import checkpoint_task
+
+        ckpt = _checkpoint(args.model)
+        task_cls = checkpoint_task(ckpt)
+        cfg = load_config(ckpt / "config.yaml", _eval_overrides(args))
+        missing = [key for key in task_cls.eval_data_keys if not _config_value(cfg, key)]
+        if missing:
+            raise UserError(f"{ckpt}: its config (task={cfg.task}) has no {' / '.join(missing)} to evaluate on; "
+                            f"give --val SHARDS or set {missing[0]} in {ckpt / 'config.yaml'}")
+        if (args.nproc_per_node > 1 or env.world_size > 1) and not task_cls.evaluates_on_all_ranks:
+            raise UserError(f"--nproc-per-node: task={cfg.task} evaluates in one process; run it without "
+                            f"--nproc-per-node or a launcher")
     if not env.launched and args.nproc_per_node > 1:
-        return _torchrun(args.nproc_per_node, [
-            "eval", "--model", args.model, "--val", args.val, "--classes", args.classes, "--batch-size",
-            str(args.batch_size), "--workers", str(args.workers), "--out", args.out])
+        return launch_torchrun(args.nproc_per_node, ["eval", "--model", args.model, *_eval_options(args)])
     use_cuda = torch.cuda.is_available()
     if env.launched:
         if use_cuda:
             torch.cuda.set_device(env.local_rank)
         init_process_group(env, "nccl" if use_cuda else "gloo")
-    model, eval_tf, tokenizer = _load_for_eval(args.model)
-    if use_cuda:
-        model.cuda()
-    results = evaluate(model, eval_tf, tokenizer, args.val, args.classes, args.batch_size, workers=args.workers,
-                       classes_key="--classes")
-    if env.rank == 0:
-        print(format_results(results), flush=True)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=2))
+    if open_clip_dir:
+        results = _evaluate_open_clip_dir(Path(args.model), args, use_cuda)
+        if env.rank == 0:
+            from pipeline.eval.zero_shot import format_results
+
+            print(format_results(results), flush=True)
+    else:
+        task = task_cls.from_checkpoint(ckpt, cfg=cfg)
+        model = task.model.cuda() if use_cuda else task.model
+        results = task.evaluate(model)  # prints the task's own summary line(s) on rank 0
+    if env.rank == 0 and args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_checkpoint, open_clip_export_kwargs
-    from pipeline.export_target import ExportTargetError, check_export_target
+def _eval_overrides(args: argparse.Namespace) -> list[str]:
+    """The eval verb's options as overrides of the checkpoint's config: --val replaces the run's held-out data
+    (and its classes with --classes, none when not given), --batch-size / --workers its eval settings."""
+    overrides = []
+    if args.val:
+        overrides += [f"data.val={args.val}", f"data.classes={args.classes or ''}"]
+    elif args.classes:
+        overrides.append(f"data.classes={args.classes}")
+    if args.batch_size is not None:
+        overrides.append(f"eval.batch_size={args.batch_size}")
+    if args.workers is not None:
+        overrides.append(f"data.workers={args.workers}")
+    return overrides
 
+
+def _eval_options(args: argparse.Namespace) -> list[str]:
+    """The options each rank started by --nproc-per-node gets (the ones given here)."""
+    given = {"--val": args.val, "--classes": args.classes, "--batch-size": args.batch_size,
+             "--workers": args.workers, "--out": args.out}
+    return [part for flag, value in given.items() if value not in (None, "") for part in (flag, str(value))]
+
+
+def _config_value(cfg, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _evaluate_open_clip_dir(path: Path, args: argparse.Namespace, use_cuda: bool) -> dict:
+    """Zero-shot classification and retrieval of an open_clip directory (an export of ours, or any other)."""
+    import open_clip
+
+    from pipeline.eval.zero_shot import evaluate
+    from pipeline.export import open_clip_export_kwargs
+
+    model, _, eval_tf = open_clip.create_model_and_transforms(f"local-dir:{path}", **open_clip_export_kwargs(path))
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{path}")
+    if use_cuda:
+        model.cuda()
+    return evaluate(model, eval_tf, tokenizer, args.val, args.classes or "",
+                    256 if args.batch_size is None else args.batch_size,
+                    workers=2 if args.workers is None else args.workers, classes_key="--classes")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export_target import ExportTargetError, check_export_target
+    from pipeline.tasks.registry import checkpoint_task
     from pipeline.train.ema import EMA_FILE
 
     ckpt = _checkpoint(args.checkpoint)
     if args.ema and not (ckpt / EMA_FILE).is_file():
         raise UserError(f"--ema: {ckpt} holds no weight EMA (train with train.ema_decay > 0, e.g. 0.9998)")
+    task_cls = checkpoint_task(ckpt)
     try:
         check_export_target(args.out, ckpt)  # before any work; checked again when the export is in place
-        out = export_checkpoint(ckpt, args.out, ema=args.ema)
+        out = task_cls.export(ckpt, args.out, ema=args.ema)
     except ExportTargetError as e:
         raise UserError(f"--out: {e}") from None
-    if (out / "config.json").is_file():
-        print(f"timm directory written: {out} (load with timm.create_model('local-dir:{out}', pretrained=True))")
-        return 0
-    if not (out / "open_clip_config.json").is_file():
-        print(f"ImageBind export written: {out} (load with pipeline.models.imagebind.load_imagebind('{out}'), "
-              f"or one encoder with load_encoder('{out}/<modality>'))")
-        return 0
-    print(f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'"
-          f"{''.join(f', {k}={v!r}' for k, v in open_clip_export_kwargs(out).items())}))")
+    print(task_cls.export_written(out))
     return 0
 
 
@@ -157,42 +183,34 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.plan import format_plan, gpus_from_args, plan_run
 
+    from pipeline.tasks.registry import task_class
+
     cfg = load_config(args.config, args.overrides)
-    try:
-        gpus = gpus_from_args(args.gpus, args.nodes, args.gpus_per_node)
-        plan = plan_run(cfg, gpus, gpu_mem_gb=args.gpu_mem_gb, mfu=args.mfu, peak_tflops=args.peak_tflops,
-                        overhead_gb=args.overhead_gb, fused_attention=not args.unfused_attention)
-    except ValueError as e:
-        if type(e) is not ValueError:  # ConfigError / ModelNameError: main() prints them
-            raise
-        raise UserError(str(e)) from None
+    gpus = gpus_from_args(args.gpus, args.nodes, args.gpus_per_node)
+    plan = plan_run(cfg, gpus, gpu_mem_gb=args.gpu_mem_gb, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                    overhead_gb=args.overhead_gb, fused_attention=not args.unfused_attention,
+                    model=task_class(cfg.task).plan_model(cfg))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.config import load_config
+    from pipeline.tasks.registry import task_class
 
     if args.nproc_per_node < 1:
         raise UserError(f"--nproc-per-node must be >= 1, not {args.nproc_per_node}")
     if not Path(args.config).is_file():
         raise UserError(f"--config: file not found: {args.config}")
-    from pipeline.config import load_config
-
-    if load_config(args.config).task == "imagebind":
-        from pipeline.demo import run_imagebind_demo
-
-        run_imagebind_demo(Path(args.out), Path(args.config), steps=args.steps, nproc=args.nproc_per_node)
-        return 0
-    run_demo(Path(args.out), Path(args.config), steps=args.steps, nproc=args.nproc_per_node,
-             train_samples=args.train_samples)
+    task_class(load_config(args.config).task).run_demo(Path(args.out), Path(args.config), steps=args.steps,
+                                                       nproc=args.nproc_per_node, train_samples=args.train_samples)
     return 0
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from pipeline.shard.images import ENCODE_FORMATS, ImageSettings
     from pipeline.shard.options import ShardOptions, parse_size
-    from pipeline.shard.rows import Columns, InputError
+    from pipeline.shard.rows import Columns
     from pipeline.shard.run import format_summary, run_shard
 
     resize_mode = args.resize_mode or ("keep_ratio" if args.image_size else "none")
@@ -221,8 +239,6 @@ def cmd_shard(args: argparse.Namespace) -> int:
             max_failure_rate=args.max_failure_rate,
             overwrite=args.overwrite, progress=sys.stderr.isatty() if args.progress is None else args.progress)
         summary = run_shard(opts)
-    except InputError as e:
-        raise UserError(str(e)) from None
     except OSError as e:  # a full disk, a read-only output, an input gone mid-run: complete shards are kept
         where = f" ({e.filename})" if e.filename else ""
         raise UserError(f"shard: {e.strerror or e}{where}; complete shards are kept: rerun the same command "
@@ -287,19 +303,29 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.grad_accum=2")
     pl.set_defaults(func=cmd_plan)
 
-    e = sub.add_parser("eval", help="zero-shot classification and retrieval recall@k on held-out shards")
-    e.add_argument("--model", required=True, help="open_clip export dir, checkpoint dir or run dir")
-    e.add_argument("--val", required=True, help="held-out shard pattern (braceexpand)")
-    e.add_argument("--classes", default="", help="zero-shot classes: 'imagenet' (names and templates from "
-                   "open_clip), a JSON list of class names, or a JSON {'classes': [...], 'templates': [...]}")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--workers", type=int, default=2, help="loader processes per rank decoding the images")
+    e = sub.add_parser("eval", help="evaluate a checkpoint of any task (its own evaluation), or an open_clip "
+                       "directory (zero-shot classification and retrieval recall@k), on held-out shards",
+                       description="A checkpoint or run directory is evaluated as its task evaluates during "
+                       "training (clip: zero-shot and retrieval; supervised / simmim: classifier, kNN, linear "
+                       "probe, reconstruction; imagebind: emergent zero-shot per modality), on --val or else "
+                       "the run's data.val. An open_clip directory needs --val.")
+    e.add_argument("--model", "--checkpoint", dest="model", required=True,
+                   help="checkpoint dir (step_XXXXXXXX), run dir (its newest checkpoint) or open_clip export dir")
+    e.add_argument("--val", default="", help="held-out shard pattern (braceexpand); default: the run's data.val")
+    e.add_argument("--classes", default=None, help="zero-shot classes: 'imagenet' (names and templates from "
+                   "open_clip), a JSON list of class names, or a JSON {'classes': [...], 'templates': [...]}; "
+                   "default: the run's data.classes (none with --val)")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="default: the run's eval.batch_size (256 for an open_clip directory)")
+    e.add_argument("--workers", type=int, default=None,
+                   help="loader processes per rank decoding the images (default: the run's data.workers; 2)")
     e.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=1,
                    help="spread the evaluation over this many local ranks (started with torchrun)")
     e.add_argument("--out", default="", help="also write the results as JSON here")
     e.set_defaults(func=cmd_eval)
 
-    x = sub.add_parser("export", help="checkpoint (any ZeRO stage) -> open_clip directory")
+    x = sub.add_parser("export", help="checkpoint (any ZeRO stage) -> the task's format: open_clip directory "
+                       "(clip), timm directory (supervised, simmim), ImageBind encoders (imagebind)")
     x.add_argument("--checkpoint", required=True, help="checkpoint dir (step_XXXXXXXX) or run dir (its newest)")
     x.add_argument("--out", required=True, help="output directory: new, empty, or a previous export (replaced "
                    "atomically); anything else is refused")
@@ -312,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run config (e.g. configs/siglip/tiny_demo.yaml for the sigmoid loss)")
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the demo config's)")
     d.add_argument("--nproc-per-node", "--nproc_per_node", type=int, default=2, help="ranks to train with")
-    d.add_argument("--train-samples", type=int, default=20000, help="size of the generated training split")
+    d.add_argument("--train-samples", type=int, default=None,
+                   help="size of the generated training split (default: 20000; ImageBind's demo: 6000)")
     d.set_defaults(func=cmd_demo)
 
     h = sub.add_parser("shard", help="parquet/CSV/JSONL tables, image folders or tars -> indexed WebDataset shards",
@@ -364,15 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from pipeline.config import ConfigError
-    from pipeline.data.loader import DataError
-    from pipeline.models.clip import ModelNameError
-    from pipeline.train.checkpoint import CheckpointError
-    from pipeline.train.nonfinite import NonFiniteError
-
     try:
         return args.func(args)
-    except (UserError, ConfigError, DataError, ModelNameError, CheckpointError, NonFiniteError) as e:
+    except UserError as e:  # ConfigError, CheckpointError, DataError, ...: pipeline/errors.py
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

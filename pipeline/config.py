@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration value; the message is meant to be shown to the user as is."""
 
 
@@ -163,7 +165,7 @@ class ImageBindConfig:
 
 @dataclass
 class RunConfig:
-    task: Literal["clip", "imagebind", "supervised", "simmim"] = "clip"  # what is trained; see pipeline/tasks/
+    task: str = "clip"  # what is trained: a key of pipeline/tasks/registry.py's TASKS
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -271,6 +273,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
 
 
 def _check_values(cfg: RunConfig) -> None:
+    # The registry imports the task modules, which import this one: it is read when a config is checked
+    from pipeline.tasks.registry import task_class
+
+    task = task_class(cfg.task)  # an unknown name: ConfigError listing the registered ones
     t = cfg.train
     positive = {
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
@@ -314,6 +320,7 @@ def _check_values(cfg: RunConfig) -> None:
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas={t.betas} must be two numbers in [0, 1)")
     _check_model(cfg)
+    task.check_config(cfg)
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay={t.ema_decay} must be in [0, 1) (0 = off)")
     if cfg.eval.every < 0:
@@ -352,14 +359,6 @@ def _check_model(cfg: RunConfig) -> None:
         raise ConfigError("model.lock_image_unlocked_groups / lock_image_freeze_bn_stats need model.lock_image=true")
     if m.lock_text_unlocked_layers and not m.lock_text:
         raise ConfigError("model.lock_text_unlocked_layers needs model.lock_text=true")
-    if cfg.task != "clip":
-        used = [k for k, on in (("model.lock_image", m.lock_image), ("model.lock_text", m.lock_text),
-                                ("model.patch_dropout", m.patch_dropout)) if on]
-        if used:
-            raise ConfigError(f"{', '.join(used)} apply to task=clip only (task={cfg.task})")
-        if cfg.task == "imagebind" and m.pretrained:
-            raise ConfigError("model.pretrained does not apply to task=imagebind: its towers come from "
-                              "imagebind.towers")
 
 
 def resolve_batch(cfg: RunConfig, world_size: int) -> None:

@@ -1,4 +1,6 @@
-"""DeepSpeed checkpoint (any ZeRO stage) -> open_clip directory: open_clip_config.json + open_clip_model.safetensors.
+"""DeepSpeed checkpoint (any ZeRO stage) -> consolidated weights, and the export formats: an open_clip directory
+(open_clip_config.json + open_clip_model.safetensors) for CLIP, a timm directory for backbones. Which task writes
+which: each task class's `export` (pipeline/tasks/registry.py, `export_checkpoint`).
 
 `open_clip.create_model_and_transforms("local-dir:<dir>")` loads the result with no code of ours (a SwinV2 tower at
 another image size than its timm architecture's also needs `force_image_size`, recorded in the config's
@@ -81,8 +83,9 @@ def weights_fit(ckpt: Path, cfg: dict):
 
 
 def load_model_from_checkpoint(ckpt: Path, ema: bool = False):
-    """(model, train_transform, eval_transform, tokenizer, config dict) with the checkpoint's weights (its
-    weight EMA if `ema`)."""
+    """(model, train_transform, eval_transform, tokenizer, config dict): the open_clip model of a CLIP run's
+    checkpoint with its weights (its weight EMA if `ema`), as the open_clip export writes it. Any task's
+    checkpoint as its task builds it: `TaskBase.from_checkpoint` (pipeline/tasks/base.py)."""
     from pipeline.models.clip import create_clip, load_state_dict_reshaped
 
     cfg = checkpoint_config(ckpt)
@@ -137,24 +140,10 @@ def export_open_clip(checkpoint: str | Path, out_dir: str | Path, ema: bool = Fa
     return out
 
 
-def export_imagebind_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
-    """An ImageBind run's checkpoint -> `export_imagebind` layout: towers/ (open_clip directory) and one
-    `<modality>/` encoder directory each (`pipeline.models.imagebind.load_encoder`)."""
-    from pipeline.config import load_config
-    from pipeline.models.clip import load_state_dict_reshaped
-    from pipeline.models.imagebind import export_imagebind
-    from pipeline.tasks.imagebind import ImageBindTask
-
-    ckpt = resolve_checkpoint(checkpoint)
-    task = ImageBindTask(load_config(ckpt / "config.yaml"))
-    with weights_fit(ckpt, checkpoint_config(ckpt)):
-        load_state_dict_reshaped(task.model, checkpoint_weights(ckpt, ema))
-    return export_imagebind(task.model, out_dir)
-
-
-def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
-    """A supervised / SimMIM run's checkpoint -> timm directory (config.json + model.safetensors) of the backbone
-    (SimMIM: the encoder, without mask token and pixel decoder)."""
+def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False,
+                               encoder_only: bool = False) -> Path:
+    """A supervised / SimMIM run's checkpoint -> timm directory (config.json + model.safetensors) of the backbone;
+    `encoder_only` (SimMIM): the weights under `encoder.`, without mask token and pixel decoder, no classifier."""
     from pipeline.export_timm import export_timm
     from pipeline.models.backbone import resolve_backbone
 
@@ -162,21 +151,9 @@ def export_backbone_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema:
     cfg = checkpoint_config(ckpt)
     state = checkpoint_weights(ckpt, ema)
     kwargs = dict(cfg["model"].get("kwargs") or {})
-    if cfg["task"] == "simmim":
+    if encoder_only:
         state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         kwargs["num_classes"] = 0
     arch, arch_kwargs = resolve_backbone(cfg["model"]["name"], **kwargs)
     with weights_fit(ckpt, cfg):
         return export_timm(state, out_dir, arch, arch_kwargs)
-
-
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = False) -> Path:
-    """Exports a checkpoint in the format its task's users load: open_clip (clip), ImageBind encoders, timm
-    (backbones); `ema`: the weight EMA (train.ema_decay) instead of the raw weights."""
-    ckpt = resolve_checkpoint(checkpoint)
-    task = checkpoint_config(ckpt).get("task", "clip")
-    if task == "imagebind":
-        return export_imagebind_checkpoint(ckpt, out_dir, ema)
-    if task in ("supervised", "simmim"):
-        return export_backbone_checkpoint(ckpt, out_dir, ema)
-    return export_open_clip(ckpt, out_dir, ema)

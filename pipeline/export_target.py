@@ -15,10 +15,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.errors import UserError
+
 MARKER = ".pipeline-export"
 
 
-class ExportTargetError(ValueError):
+class ExportTargetError(UserError, ValueError):
     """`out` is not somewhere an export may be written; the message is one line for the user."""
 
 

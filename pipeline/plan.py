@@ -57,10 +57,15 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.config import RunConfig, resolve_batch
+from pipeline.errors import UserError
 from pipeline.train.device_peak import PLAN_PEAK_TFLOPS
 
 GiB = 1024**3
 ACCUM_FORWARD_FACTOR = 4 / 3  # forward + backward (3 forwards' worth) + the forward without graph
+
+
+class PlanError(UserError, ValueError):
+    """Arguments the plan cannot use, or a model it cannot measure; the message is one line."""
 
 
 @dataclass
@@ -189,7 +194,7 @@ def _vision_tokens(visual: torch.nn.Module) -> int:
     pe = getattr(trunk, "patch_embed", None)
     if pe is not None and hasattr(pe, "num_patches"):
         return int(pe.num_patches) + int(getattr(trunk, "num_prefix_tokens", 0))
-    raise ValueError(f"cannot tell the token count of image tower {type(visual).__name__}")
+    raise PlanError(f"cannot tell the token count of image tower {type(visual).__name__}")
 
 
 def _text_module(model: torch.nn.Module) -> torch.nn.Module:
@@ -200,7 +205,7 @@ def _context_length(model: torch.nn.Module) -> int:
     for owner in (model, getattr(model, "text", None)):
         if owner is not None and getattr(owner, "context_length", None):
             return int(owner.context_length)
-    raise ValueError("cannot tell the text context length")
+    raise PlanError("cannot tell the text context length")
 
 
 def towers(model: torch.nn.Module) -> list[Tower]:
@@ -280,13 +285,13 @@ def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0
              model: torch.nn.Module | None = None) -> Plan:
     """Memory per rank at ZeRO 0-3 with and without activation checkpointing, and the step time at `mfu`, for
     `cfg` on `gpus` data-parallel ranks with `gpu_mem_gb` GiB each. Raises ConfigError when the batch does not
-    divide across the ranks, ValueError on bad arguments."""
+    divide across the ranks, PlanError on bad arguments."""
     if gpus < 1:
-        raise ValueError(f"--gpus must be >= 1, not {gpus}")
+        raise PlanError(f"--gpus must be >= 1, not {gpus}")
     if gpu_mem_gb <= 0 or peak_tflops <= 0 or overhead_gb < 0:
-        raise ValueError("--gpu-mem-gb and --peak-tflops must be > 0, --overhead-gb >= 0")
+        raise PlanError("--gpu-mem-gb and --peak-tflops must be > 0, --overhead-gb >= 0")
     if not 0 < mfu <= 1:
-        raise ValueError(f"--mfu must be in (0, 1], not {mfu}")
+        raise PlanError(f"--mfu must be in (0, 1], not {mfu}")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train))  # resolve_batch writes into train
     resolve_batch(cfg, gpus)
     t = cfg.train
@@ -454,14 +459,14 @@ def format_plan(plan: Plan) -> str:
 
 def gpus_from_args(gpus: int | None, nodes: int | None, gpus_per_node: int | None) -> int:
     if gpus is None and nodes is None:
-        raise ValueError("give --gpus N, or --nodes N (with --gpus-per-node, default 8)")
+        raise PlanError("give --gpus N, or --nodes N (with --gpus-per-node, default 8)")
     per_node = 8 if gpus_per_node is None else gpus_per_node
     if nodes is not None:
         if nodes < 1 or per_node < 1:
-            raise ValueError("--nodes and --gpus-per-node must be >= 1")
+            raise PlanError("--nodes and --gpus-per-node must be >= 1")
         if gpus is not None and gpus != nodes * per_node:
-            raise ValueError(f"--gpus {gpus} disagrees with --nodes {nodes} x --gpus-per-node {per_node}")
+            raise PlanError(f"--gpus {gpus} disagrees with --nodes {nodes} x --gpus-per-node {per_node}")
         return nodes * per_node
     if gpus_per_node is not None:
-        raise ValueError("--gpus-per-node needs --nodes")
+        raise PlanError("--gpus-per-node needs --nodes")
     return math.floor(gpus)

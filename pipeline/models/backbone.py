@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
+
 # name -> (architecture name, constructor kwargs). The demo data: 64 px pictures, 40 classes.
 PRESETS: dict[str, tuple[str, dict]] = {
     # 64 px / patch 8 = 8x8 tokens + cls, width 128, 4 blocks, 4 heads: 0.83M parameters, 0.11 GFLOPs
@@ -28,7 +30,7 @@ PRESETS: dict[str, tuple[str, dict]] = {
 }
 
 
-class BackboneNameError(ValueError):
+class BackboneNameError(UserError, ValueError):
     pass
 
 

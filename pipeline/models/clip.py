@@ -14,10 +14,12 @@ from pathlib import Path
 import open_clip
 import torch
 
+from pipeline.errors import UserError
+
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
 
 
-class ModelNameError(ValueError):
+class ModelNameError(UserError, ValueError):
     pass
 
 

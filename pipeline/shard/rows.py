@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.errors import UserError
+
 CAPTION_COLUMN_GUESSES = ("caption", "text", "txt", "title")
 NO_CAPTIONS = "none"  # --caption-col none: the data has no captions (e.g. labels only)
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A problem with the inputs or options, found before any work; the message is shown as one line."""
 
 

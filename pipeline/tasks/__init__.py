@@ -1,5 +1,7 @@
 """What is trained: a task bundles the model DeepSpeed wraps, how samples are decoded, the loss of a batch and
-the evaluation. The training loop (pipeline/train/loop.py) is the same for every task.
+the evaluation, and (as class methods) its config checks, its export and its demo. The training loop
+(pipeline/train/loop.py) is the same for every task; every verb finds the task's class by the config's `task:`
+in pipeline/tasks/registry.py (`TASKS`). How to add one: docs/extending.md.
 
 - `clip`: image-text contrastive (CLIP softmax or SigLIP sigmoid loss), pipeline/tasks/contrastive.py
 - `imagebind`: audio / depth / thermal / IMU encoders bound to frozen image embeddings, pipeline/tasks/imagebind.py
@@ -16,6 +18,9 @@ from pipeline.data.decoders import SampleDecoder
 
 
 class Task(Protocol):
+    """An instance is one run's task (built from its config); the class methods work on a config or a checkpoint
+    before or without one. pipeline/tasks/base.py (`TaskBase`) has the defaults."""
+
     model: torch.nn.Module  # what DeepSpeed wraps (every trainable parameter lives here)
     decoder: SampleDecoder  # training samples -> batches (loader workers) -> the device (`decoder.to_device`)
     flops_per_sample: float  # forward + backward model FLOPs, for TFLOP/s and MFU
@@ -36,6 +41,22 @@ class Task(Protocol):
     # Optional: step_losses(engine, batches, device) -> Iterator[(loss, stats)], for a task whose micro-batch
     # loss depends on the other micro-batches of the step (see `step_losses` below).
 
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Checks of the config's values alone, run by load_config; raises ConfigError."""
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        """The checks that can run before a process group starts (model names, files); raises ConfigError."""
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, ema: bool = False, cfg: RunConfig | None = None) -> "Task":
+        """The task of a checkpoint's config holding its consolidated weights (`python -m pipeline eval`)."""
+
+    @classmethod
+    def export(cls, checkpoint, out_dir, ema: bool = False):
+        """Writes a checkpoint in the format this task's users load (`python -m pipeline export`)."""
+
 
 def step_losses(task: Task, engine, batches: Iterable[dict], device: torch.device
                 ) -> Iterator[tuple[torch.Tensor, dict]]:
@@ -46,20 +67,3 @@ def step_losses(task: Task, engine, batches: Iterable[dict], device: torch.devic
     if own is not None:
         return own(engine, batches, device)
     return (task.loss(engine, batch) for batch in batches)
-
-
-def check_task(cfg: RunConfig) -> None:
-    """The task-specific checks that can run before a process group starts."""
-    from pipeline.tasks import backbone, contrastive, imagebind
-
-    checks = {"clip": contrastive.check, "imagebind": imagebind.check, "supervised": backbone.check,
-              "simmim": backbone.check}
-    checks[cfg.task](cfg)
-
-
-def build_task(cfg: RunConfig) -> Task:
-    from pipeline.tasks import backbone, contrastive, imagebind
-
-    tasks = {"clip": contrastive.ContrastiveTask, "imagebind": imagebind.ImageBindTask,
-             "supervised": backbone.SupervisedTask, "simmim": backbone.SimMIMTask}
-    return tasks[cfg.task](cfg)

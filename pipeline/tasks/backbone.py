@@ -18,22 +18,9 @@ from pipeline.models.backbone import (BackboneNameError, backbone_info, backbone
 from pipeline.models.pretrained import check_source, read_state_dict
 from pipeline.objectives.classification import MixConfig, batch_rng, classification_loss, mix_batch
 from pipeline.objectives.simmim import SimMIM, evaluate_reconstruction
+from pipeline.tasks.base import TaskBase
 from pipeline.train.layer_decay import layer_decay_param_groups
 from pipeline.train.flops import forward_flops, step_flops, trains
-
-
-def check(cfg: RunConfig) -> None:
-    try:
-        resolve_backbone(cfg.model.name, **cfg.model.kwargs)
-    except BackboneNameError as e:
-        raise ConfigError(str(e)) from None
-    if cfg.model.pretrained:
-        check_source(cfg.model.pretrained)
-    if cfg.data.val:
-        expand_shards(cfg.data.val, "data.val")
-    if (cfg.loss.mixup or cfg.loss.cutmix) and cfg.train.batch_size % 2:
-        raise ConfigError(f"loss.mixup / loss.cutmix pair image i with B-1-i: train.batch_size="
-                          f"{cfg.train.batch_size} must be even")
 
 
 def _init_weights(model: torch.nn.Module, source: str) -> None:
@@ -44,7 +31,21 @@ def _init_weights(model: torch.nn.Module, source: str) -> None:
         raise e if isinstance(e, ConfigError) else ConfigError(f"model.pretrained={source}: {e}") from None
 
 
-class _BackboneTask:
+class _BackboneTask(TaskBase):
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        try:
+            resolve_backbone(cfg.model.name, **cfg.model.kwargs)
+        except BackboneNameError as e:
+            raise ConfigError(str(e)) from None
+        if cfg.model.pretrained:
+            check_source(cfg.model.pretrained)
+        if cfg.data.val:
+            expand_shards(cfg.data.val, "data.val")
+        if (cfg.loss.mixup or cfg.loss.cutmix) and cfg.train.batch_size % 2:
+            raise ConfigError(f"loss.mixup / loss.cutmix pair image i with B-1-i: train.batch_size="
+                              f"{cfg.train.batch_size} must be even")
+
     def __init__(self, cfg: RunConfig, kwargs: dict):
         self.cfg = cfg
         m, a = cfg.model, cfg.aug
@@ -65,6 +66,10 @@ class _BackboneTask:
         info = backbone_info(self.backbone)
         images = torch.empty(1, info.in_chans, *info.img_size, device="meta")
         return step_flops(forward_flops(self.model, images, *inputs), trains(self.model.parameters()))
+
+    @classmethod
+    def export_written(cls, out) -> str:
+        return f"timm directory written: {out} (load with timm.create_model('local-dir:{out}', pretrained=True))"
 
     def param_groups(self) -> list[dict]:
         t = self.cfg.train
@@ -119,6 +124,13 @@ class SupervisedTask(_BackboneTask):
     def evaluate(self, model: torch.nn.Module) -> dict:
         return self._evaluate_backbone(model) if self.cfg.data.val else {}
 
+    @classmethod
+    def export(cls, checkpoint, out_dir, ema: bool = False):
+        """timm directory (config.json + model.safetensors) of the backbone with its classifier."""
+        from pipeline.export import export_backbone_checkpoint
+
+        return export_backbone_checkpoint(checkpoint, out_dir, ema)
+
 
 class SimMIMTask(_BackboneTask):
     def __init__(self, cfg: RunConfig):
@@ -149,3 +161,10 @@ class SimMIMTask(_BackboneTask):
         print(f"eval: held-out masked L1 {results['recon_l1']:.4f} (predicting the mean: "
               f"{results['recon_l1_mean_baseline']:.4f})", flush=True)
         return {**results, **self._evaluate_backbone(model.encoder)}
+
+    @classmethod
+    def export(cls, checkpoint, out_dir, ema: bool = False):
+        """timm directory of the encoder alone (no mask token, no pixel decoder; num_classes 0)."""
+        from pipeline.export import export_backbone_checkpoint
+
+        return export_backbone_checkpoint(checkpoint, out_dir, ema, encoder_only=True)

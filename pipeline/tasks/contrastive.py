@@ -19,22 +19,8 @@ from pipeline.models.clip import check_model_name, clip_step_flops, create_clip,
 from pipeline.models.pretrained import check_clip_pretrained, load_clip_pretrained
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
+from pipeline.tasks.base import TaskBase
 from pipeline.train.full_batch_accumulation import full_batch_losses
-
-
-def check(cfg: RunConfig) -> None:
-    m = cfg.model
-    check_model_name(m.name)
-    vision_cfg = (open_clip.get_model_config(m.name) or {}).get("vision_cfg", {})
-    if m.patch_dropout and vision_cfg.get("timm_model_name"):
-        raise ConfigError(f"model.patch_dropout works on open_clip's own ViT image towers; {m.name}'s is timm's "
-                          f"{vision_cfg['timm_model_name']}")
-    if m.pretrained:
-        check_clip_pretrained(m.name, m.pretrained, cfg.loss.name, m.patch_dropout)
-    if cfg.data.val:
-        expand_shards(cfg.data.val, "data.val")
-    if cfg.data.classes:
-        load_class_prompts(cfg.data.classes)  # raises ConfigError naming data.classes
 
 
 def contrastive_loss(out: dict, cfg: RunConfig) -> torch.Tensor:
@@ -60,8 +46,56 @@ def lock_towers(model: torch.nn.Module, cfg: RunConfig) -> None:
         model.lock_text_tower(unlocked_layers=m.lock_text_unlocked_layers)
 
 
-class ContrastiveTask:
+class ContrastiveTask(TaskBase):
     evaluates_on_all_ranks = True  # evaluate() spreads the held-out set over the ranks (pipeline/eval/ranks.py)
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Every model option applies here (LiT locking and patch dropout are this task's)."""
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        m = cfg.model
+        check_model_name(m.name)
+        vision_cfg = (open_clip.get_model_config(m.name) or {}).get("vision_cfg", {})
+        if m.patch_dropout and vision_cfg.get("timm_model_name"):
+            raise ConfigError(f"model.patch_dropout works on open_clip's own ViT image towers; {m.name}'s is timm's "
+                              f"{vision_cfg['timm_model_name']}")
+        if m.pretrained:
+            check_clip_pretrained(m.name, m.pretrained, cfg.loss.name, m.patch_dropout)
+        if cfg.data.val:
+            expand_shards(cfg.data.val, "data.val")
+        if cfg.data.classes:
+            load_class_prompts(cfg.data.classes)  # raises ConfigError naming data.classes
+
+    @classmethod
+    def plan_model(cls, cfg: RunConfig) -> torch.nn.Module:
+        """The trainer's model on the meta device: its patch dropout and locked towers change its FLOPs."""
+        from pipeline.plan import meta_model
+
+        model = meta_model(cfg.model.name, cfg.loss.name, cfg.model.patch_dropout)
+        lock_towers(model, cfg)
+        return model
+
+    @classmethod
+    def export(cls, checkpoint, out_dir, ema: bool = False):
+        """open_clip directory (and a timm directory of a SwinV2 image trunk): pipeline/export.py."""
+        from pipeline.export import export_open_clip
+
+        return export_open_clip(checkpoint, out_dir, ema)
+
+    @classmethod
+    def export_written(cls, out) -> str:
+        from pipeline.export import open_clip_export_kwargs
+
+        return (f"open_clip directory written: {out} (load with open_clip.create_model_and_transforms("
+                f"'local-dir:{out}'{''.join(f', {k}={v!r}' for k, v in open_clip_export_kwargs(out).items())}))")
+
+    @classmethod
+    def run_demo(cls, out, config, steps, nproc, train_samples) -> dict:
+        from pipeline.demo import run_clip_demo
+
+        return run_clip_demo(out, config, steps=steps, nproc=nproc, train_samples=train_samples)
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg

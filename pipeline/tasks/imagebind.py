@@ -33,6 +33,7 @@ from pipeline.data.modality_transforms import make_modality_transform
 from pipeline.models.clip import promote_scalar_params
 from pipeline.models.imagebind import MODALITIES, build_imagebind, encoder_config
 from pipeline.objectives.binding_loss import binding_loss_share, rank_counts
+from pipeline.tasks.base import TaskBase
 from pipeline.train.flops import forward_flops, step_flops, trains
 
 
@@ -52,23 +53,6 @@ def _towers_embed_dim(towers: str) -> int:
     return cfg["embed_dim"]
 
 
-def check(cfg: RunConfig) -> None:
-    ib = cfg.imagebind
-    if not ib.towers:
-        raise ConfigError("imagebind.towers is empty; give the open_clip directory of the image and text towers "
-                          "(e.g. runs/demo/export from the CLIP demo)")
-    _towers_embed_dim(ib.towers)
-    unknown = [m for m in ib.modalities if m not in MODALITIES]
-    if unknown or not ib.modalities:
-        raise ConfigError(f"imagebind.modalities={ib.modalities} must be a non-empty list of {', '.join(MODALITIES)}")
-    if cfg.data.val:
-        expand_shards(cfg.data.val, "data.val")
-    if cfg.data.classes:
-        from pipeline.eval.class_prompts import load_class_prompts
-
-        load_class_prompts(cfg.data.classes)  # raises ConfigError naming data.classes
-
-
 def _decode_options(cfg: RunConfig, modality: str) -> dict:
     return {"audio": {"sample_rate": cfg.imagebind.sample_rate},
             "depth": {"depth_scale": cfg.imagebind.depth_scale}}.get(modality, {})
@@ -81,7 +65,50 @@ def modality_input_shape(config) -> tuple[int, ...]:
     return (config.in_channels, *config.input_size)
 
 
-class ImageBindTask:
+class ImageBindTask(TaskBase):
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        super().check_config(cfg)
+        if cfg.model.pretrained:
+            raise ConfigError("model.pretrained does not apply to task=imagebind: its towers come from "
+                              "imagebind.towers")
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> None:
+        ib = cfg.imagebind
+        if not ib.towers:
+            raise ConfigError("imagebind.towers is empty; give the open_clip directory of the image and text towers "
+                              "(e.g. runs/demo/export from the CLIP demo)")
+        _towers_embed_dim(ib.towers)
+        unknown = [m for m in ib.modalities if m not in MODALITIES]
+        if unknown or not ib.modalities:
+            raise ConfigError(f"imagebind.modalities={ib.modalities} must be a non-empty list of {', '.join(MODALITIES)}")
+        if cfg.data.val:
+            expand_shards(cfg.data.val, "data.val")
+        if cfg.data.classes:
+            from pipeline.eval.class_prompts import load_class_prompts
+
+            load_class_prompts(cfg.data.classes)  # raises ConfigError naming data.classes
+
+    @classmethod
+    def export(cls, checkpoint, out_dir, ema: bool = False) -> Path:
+        """`export_imagebind` layout: towers/ (open_clip directory) and one `<modality>/` encoder directory each
+        (`pipeline.models.imagebind.load_encoder`)."""
+        from pipeline.models.imagebind import export_imagebind
+
+        return export_imagebind(cls.from_checkpoint(checkpoint, ema).model, out_dir)
+
+    @classmethod
+    def export_written(cls, out) -> str:
+        return (f"ImageBind export written: {out} (load with pipeline.models.imagebind.load_imagebind('{out}'), "
+                f"or one encoder with load_encoder('{out}/<modality>'))")
+
+    @classmethod
+    def run_demo(cls, out, config, steps, nproc, train_samples) -> dict:
+        from pipeline.demo import run_imagebind_demo
+
+        return run_imagebind_demo(out, config, steps=steps, nproc=nproc, train_samples=train_samples)
+
     def __init__(self, cfg: RunConfig):
         ib = self.ib = cfg.imagebind
         self.cfg = cfg

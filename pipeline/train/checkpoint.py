@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.atomic_write import write_atomic
+from pipeline.errors import UserError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 RANK_FILE = re.compile(r"^rank_(\d{5})\.pt$")
@@ -55,7 +56,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)), key=lambda p: p.name)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used as asked (unsafe, foreign, unreadable); the message is one line."""
 
 

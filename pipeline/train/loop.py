@@ -22,7 +22,8 @@ import torch.distributed as dist
 from pipeline.config import ConfigError, RunConfig, resolve_batch, to_dict, to_yaml
 from pipeline.data.loader import (DataError, FetchSpec, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
                                   epoch_length, expand_sources, make_train_loader, parse_weights)
-from pipeline.tasks import build_task, check_task, step_losses
+from pipeline.tasks import step_losses
+from pipeline.tasks.registry import build_task, check_task
 from pipeline.train.checkpoint import (checkpoint_meta, complete_checkpoints, find_checkpoint, load_checkpoint,
                                        remove_partials, save_checkpoint, vet_checkpoint)
 from pipeline.train.distributed import DistEnv, host_group, init_process_group

@@ -13,8 +13,10 @@ import math
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
 
-class NonFiniteError(RuntimeError):
+
+class NonFiniteError(UserError, RuntimeError):
     """The run diverged; the message is one line naming the step."""
 
 

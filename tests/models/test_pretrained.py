@@ -8,8 +8,7 @@ import torch
 from pipeline.config import ConfigError, RunConfig, load_config
 from pipeline.models.clip import ModelNameError, check_model_name, create_clip, promote_scalar_params
 from pipeline.models.pretrained import check_clip_pretrained, load_clip_pretrained, read_state_dict
-from pipeline.tasks.contrastive import check as check_contrastive
-from pipeline.tasks.contrastive import lock_towers
+from pipeline.tasks.contrastive import ContrastiveTask, lock_towers
 from pipeline.train.engine import param_groups
 
 
@@ -134,10 +133,10 @@ def test_config_keys(tmp_path):
             load_config(None, overrides)
     cfg = load_config(None, ["model.name=clip-swinv2-tiny", "model.patch_dropout=0.5"])
     with pytest.raises(ConfigError, match="open_clip's own ViT image towers"):
-        check_contrastive(cfg)
+        ContrastiveTask.check(cfg)
     cfg = load_config(None, ["model.name=ViT-B-32", f"model.pretrained={tmp_path}"])
     with pytest.raises(ConfigError, match="directory with no weights"):
-        check_contrastive(cfg)
+        ContrastiveTask.check(cfg)
 
 
 def test_lock_towers_leave_frozen_parts_out_of_the_optimizer():

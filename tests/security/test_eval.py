@@ -49,3 +49,22 @@ def test_another_tasks_checkpoint_is_one_line(tmp_path, capsys, demo_data):
     (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
     rc, err = _eval(capsys, ckpt, demo_data)
     assert rc == 2 and len(err) == 1 and "supervised" in err[0], err
+
+
+def test_a_run_without_held_out_data_is_one_line_naming_the_key(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / "run")
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["data"]["val"] = ""
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rc = main(["eval", "--checkpoint", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no data.val" in err[0] and "--val" in err[0], err
+
+
+def test_an_unknown_task_in_a_checkpoint_is_one_line(tmp_path, capsys, demo_data):
+    ckpt = write_checkpoint(tmp_path / "run")
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    cfg["task"] = "no_such_task"
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rc, err = _eval(capsys, ckpt, demo_data)
+    assert rc == 2 and len(err) == 1 and "no_such_task" in err[0] and "clip" in err[0], err

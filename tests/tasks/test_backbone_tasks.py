@@ -34,6 +34,15 @@ def _export_and_compare(out, tmp_path, expected_keys):
     return model
 
 
+def _eval_verb(out, tmp_path, results):
+    """`python -m pipeline eval --checkpoint RUN` prints the task's metrics, the trainer's at its last step."""
+    proc = run_pipeline("eval", "--checkpoint", out, "--out", tmp_path / "eval.json")
+    assert "eval: " in proc.stdout and "kNN top-1" in proc.stdout
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again == pytest.approx({k: v for k, v in results.items() if k != "step"}, abs=1e-6)
+    return proc.stdout
+
+
 def test_supervised_vit_trains_evaluates_and_exports_to_timm(demo_data, tmp_path):
     out = tmp_path / "vit"
     records, results = _run(demo_data, "vit_supervised.yaml", out, "train.steps=6", "train.layer_decay=0.75",
@@ -51,6 +60,7 @@ def test_supervised_vit_trains_evaluates_and_exports_to_timm(demo_data, tmp_path
     reference.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.allclose(model(x), reference.eval()(x), atol=1e-5)
+    assert "classifier top-1" in _eval_verb(out, tmp_path, results)
 
 
 def test_simmim_swinv2_reconstructs_and_exports_its_encoder(demo_data, tmp_path):
@@ -61,3 +71,4 @@ def test_simmim_swinv2_reconstructs_and_exports_its_encoder(demo_data, tmp_path)
     encoder = create_backbone("demo_swinv2", num_classes=0)
     model = _export_and_compare(out, tmp_path, set(encoder.state_dict()))
     assert model.num_classes == 0
+    assert "held-out masked L1" in _eval_verb(out, tmp_path, results)

@@ -49,6 +49,14 @@ def test_two_modalities_bind_on_two_ranks_with_towers_bitwise_frozen(multimodal_
         for k, v in audio.state_dict().items():
             assert torch.equal(v, state[f"encoders.audio.{k}"].reshape(v.shape)), k
 
+    # `python -m pipeline eval` on the run: the task's own evaluation, the trainer's numbers at its last step
+    proc = run_pipeline("eval", "--checkpoint", out, "--out", tmp_path / "eval.json")
+    assert "eval audio: " in proc.stdout and "eval depth: " in proc.stdout
+    again = json.loads((tmp_path / "eval.json").read_text())
+    assert again.keys() == results.keys() - {"step"}
+    for k, v in again.items():  # per-modality counts of skipped samples are dicts: compared as they are
+        assert v == (pytest.approx(results[k], abs=1e-6) if isinstance(v, float) else results[k]), k
+
 
 def test_decoder_keeps_each_samples_own_modalities_and_their_rows():
     from pipeline.config import RunConfig

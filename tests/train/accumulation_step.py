@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import load_config, resolve_batch
-from pipeline.tasks import build_task, step_losses
+from pipeline.tasks import step_losses
+from pipeline.tasks.registry import build_task
 from pipeline.train.distributed import init_process_group, read_dist_env
 from pipeline.train.engine import build_engine, compute_dtype
 

@@ -115,7 +115,7 @@ def test_swinv2_counts_with_the_reference_attention_and_keeps_its_impl():
     ("demo/imagebind_audio_depth.yaml", ["imagebind.towers=clip-tiny"]),
 ])
 def test_every_task_has_a_count(config, overrides):
-    from pipeline.tasks import build_task
+    from pipeline.tasks.registry import build_task
 
     with DevicesSeen() as seen:
         task = build_task(load_config(REPO / "configs" / config, overrides))
@@ -124,7 +124,7 @@ def test_every_task_has_a_count(config, overrides):
 
 
 def test_imagebind_counts_the_frozen_image_tower_once_and_each_encoder_three_times():
-    from pipeline.tasks import build_task
+    from pipeline.tasks.registry import build_task
     from pipeline.tasks.imagebind import modality_input_shape
 
     task = build_task(load_config(REPO / "configs" / "demo" / "imagebind_audio_depth.yaml",
@@ -151,7 +151,7 @@ def test_one_peak_table():
 ])
 def test_plan_counts_what_the_trainer_counts(config, overrides):
     from pipeline.plan import plan_run
-    from pipeline.tasks import build_task
+    from pipeline.tasks.registry import build_task
 
     cfg = load_config(REPO / "configs" / config, overrides)
     assert plan_run(cfg, 1).flops_per_sample == build_task(cfg).flops_per_sample

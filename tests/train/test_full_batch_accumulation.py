@@ -12,7 +12,7 @@ from conftest import REPO, run_pipeline, train_overrides
 from pipeline.config import load_config
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.objectives.siglip_loss import siglip_loss
-from pipeline.tasks import build_task
+from pipeline.tasks.registry import build_task
 from pipeline.tasks.contrastive import contrastive_loss
 from pipeline.train.full_batch_accumulation import full_batch_losses
 from pipeline.train.metrics import read_metrics

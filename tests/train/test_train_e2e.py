@@ -93,6 +93,14 @@ def test_export_loads_in_plain_open_clip_with_equal_embeddings(trained, demo_dat
     assert ours_eval == pytest.approx(train_eval, abs=1e-6)
 
 
+def test_eval_verb_on_the_run_gives_the_trainers_numbers(trained, tmp_path):
+    """`eval --checkpoint RUN` with no --val: the task of the run's config, on the run's data.val and classes."""
+    proc = run_pipeline("eval", "--checkpoint", trained, "--out", tmp_path / "eval.json")
+    assert "eval: " in proc.stdout and "zero-shot top-1" in proc.stdout
+    train_eval = {k: v for k, v in json.loads((trained / "eval.json").read_text()).items() if k != "step"}
+    assert json.loads((tmp_path / "eval.json").read_text()) == pytest.approx(train_eval, abs=1e-6)
+
+
 @pytest.mark.parametrize("stage", [pytest.param(0, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_stage_checkpoints_export(demo_data, tmp_path, stage):
     out = tmp_path / "run"
