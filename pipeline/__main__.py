@@ -181,7 +181,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import json
 
     from pipeline.config import load_config
-    from pipeline.plan import format_plan, gpus_from_args, plan_run
+    from pipeline.plan import gpus_from_args, plan_run
+    from pipeline.plan_report import format_plan
 
     from pipeline.tasks.registry import task_class
 

@@ -8,8 +8,9 @@ import torch
 from conftest import REPO, run_pipeline
 from pipeline.config import ConfigError, load_config
 from pipeline.models.clip import clip_step_flops, create_clip
-from pipeline.plan import (Block, activation_bytes_per_sample, block_bytes, flops_per_sample, format_plan,
-                           gpus_from_args, meta_model, model_state_bytes, plan_run, towers)
+from pipeline.plan import (Block, activation_bytes_per_sample, block_bytes, flops_per_sample, gpus_from_args,
+                           meta_model, model_state_bytes, plan_run, towers)
+from pipeline.plan_report import format_plan
 
 VIT_H14 = REPO / "configs" / "clip" / "vit_h14.yaml"
 VIT_H14_PARAMS = 986_109_441  # sum(p.numel()) of open_clip.create_model("ViT-H-14") allocated on the CPU
