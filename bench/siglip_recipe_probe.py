@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 from pipeline.data.eval_loader import iterate_eval_samples  # noqa: E402
 from pipeline.data.loader import ShardSet, expand_shards  # noqa: E402
-from pipeline.eval.zero_shot import class_embeddings  # noqa: E402
+from pipeline.eval.class_prompts import ClassPrompts, zero_shot_weights  # noqa: E402
 from pipeline.export import load_model_from_checkpoint  # noqa: E402
 from pipeline.train.checkpoint import resolve_checkpoint  # noqa: E402
 
@@ -51,7 +51,7 @@ def probe(run: str, val: str, classes: dict) -> None:
     shape = [n.split()[1] for n in names]
     img, txt, labels = embed(model, transform, tokenizer, val)
     with torch.no_grad():
-        cls = class_embeddings(model, tokenizer, names, classes["templates"], "cpu")
+        cls = zero_shot_weights(model, tokenizer, ClassPrompts(names, classes["templates"]), torch.device("cpu"))
     pred = (img @ cls.T).argmax(1).tolist()
     truth = labels.tolist()
     top1 = sum(p == t for p, t in zip(pred, truth)) / len(truth)

@@ -10,7 +10,7 @@ from pipeline.data.decoders import (EvalSampleDecoder, ImageLabelDecoder, ImageT
                                     PairedModalityDecoder)
 from pipeline.data.eval_loader import iterate_decoded
 from pipeline.data.loader import ShardSet, expand_shards
-from pipeline.data.modalities import IMUTransform
+from pipeline.data.modality_transforms import IMUTransform
 from pipeline.shard.writer import ShardWriter
 
 TRANSFORM = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize((0.5, 0.4, 0.3), (0.2, 0.3, 0.4))])

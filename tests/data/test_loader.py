@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from conftest import CaptionDecoder
+from pipeline.data.epoch_plan import epoch_length, epoch_order
 from pipeline.data.loader import (DataError, ImageTextBatches, LoaderSpec, ShardBatches, ShardSet, StreamPosition,
-                                  FetchSpec, batch_position, epoch_length, epoch_order,
-                                  expand_shards, expand_sources, local_shards, make_train_loader, parse_weights)
+                                  FetchSpec, batch_position, expand_shards, expand_sources, local_shards,
+                                  make_train_loader, parse_weights)
 from pipeline.models.clip import create_clip
 from pipeline.shard.writer import ShardWriter
 

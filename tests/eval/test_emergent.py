@@ -7,7 +7,7 @@ import torch
 from pipeline.data.decoders import image_member
 from pipeline.data.image_decode import decode_image
 from pipeline.data.loader import ShardSet, expand_shards
-from pipeline.data.modalities import AudioTransform, DepthTransform
+from pipeline.data.modality_transforms import AudioTransform, DepthTransform
 from pipeline.demo_data.multimodal import write_multimodal_demo_dataset
 from pipeline.eval.emergent import evaluate_emergent, format_emergent
 from pipeline.models.imagebind import ImageBindModel, build_imagebind, tiny_config
