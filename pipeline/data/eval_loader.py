@@ -4,21 +4,21 @@ features, emergent binding, SimMIM reconstruction).
 `iterate_decoded` reads a range of sample ids in order and decodes them in batches with any sample decoder
 (pipeline/data/decoders.py), in loader workers (the training loader's DataLoader settings, `make_train_loader`)
 or in this process. Batch k holds the decodable samples among ids k*B .. (k+1)*B - 1: a sample that cannot be
-read counts as "unreadable", one its decoder rejects under the decoder's reason, in the batch's "bad" Counter.
+read counts as "unreadable", one its decoder rejects under the decoder's reason, in the batch's "bad" counts
+(`decode_samples`, the read-decode-skip step the training stream uses too).
 Batch k is built by worker k % workers, and the DataLoader takes the workers' batches in turn: batches arrive in
 the order of the data.
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data.decoders import CaptionedImageDecoder, SampleDecoder
-from pipeline.data.errors import BadSample
-from pipeline.data.loader import ShardSet, make_train_loader
+from pipeline.data.errors import DataError
+from pipeline.data.loader import ShardSet, decode_samples, make_train_loader
 
 
 class DecodedBatches(IterableDataset):
@@ -32,20 +32,10 @@ class DecodedBatches(IterableDataset):
         return -(-len(self.ids) // self.batch_size)
 
     def make_batch(self, k: int) -> dict:
-        samples, bad = [], Counter()
-        for sid in self.ids[k * self.batch_size:(k + 1) * self.batch_size]:
-            try:
-                _, raw = self.shards.read(sid)
-            except (OSError, EOFError):
-                bad["unreadable"] += 1
-                continue
-            try:
-                samples.append(self.decoder.sample(raw))
-            except BadSample as e:
-                bad[e.reason] += 1
-        # "bad" as a plain dict, as in the training stream: the DataLoader's default_convert copies a Counter and
-        # update()s the copy with its own items, which would count every bad sample twice
-        return {**(self.decoder.collate(samples) if samples else {}), "index": k, "bad": dict(bad)}
+        read = decode_samples(self.shards, self.ids[k * self.batch_size:(k + 1) * self.batch_size], self.decoder)
+        if read.error is not None:
+            raise DataError(read.error)
+        return {**(self.decoder.collate(read.samples) if read.samples else {}), "index": k, "bad": read.bad}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -297,6 +297,47 @@ def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, sample_id]).generate_state(1)[0])
 
 
+# ----------------------------------------------------------------------------------------------- reading
+@dataclass
+class DecodedSamples:
+    samples: list  # the decoder's samples, in the order of the ids
+    keys: list[str]  # their keys
+    # skipped samples by reason, a plain dict: the DataLoader's default_convert copies a mapping and then
+    # update()s the copy with its own items, which adds a Counter's counts to themselves (each counted twice)
+    bad: dict[str, int]
+    error: str | None = None  # a shard that stopped being readable as indexed (DataError): the batch is void
+
+
+def decode_samples(shards: ShardSet, ids, decoder: SampleDecoder,
+                   seed_of: Callable[[int], int] | None = None) -> DecodedSamples:
+    """Reads and decodes the samples `ids`, skipping unreadable ones and those the decoder refuses (BadSample),
+    counted by reason; a DataError (the shard changed under the run) stops the batch. With `seed_of`, torch's
+    CPU generator is seeded per sample id around `decoder.sample` (training augmentation, resumable)."""
+    samples, keys, bad = [], [], Counter()
+    for sid in ids:
+        try:
+            key, raw = shards.read(sid)
+        except (OSError, EOFError):
+            bad["unreadable"] += 1
+            continue
+        except DataError as e:
+            return DecodedSamples(samples, keys, dict(bad), str(e))
+        try:
+            if seed_of is None:
+                samples.append(decoder.sample(raw))
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    # the CPU generator only: torch.manual_seed also queues a lazy seed for every accelerator
+                    # backend, with a stack trace each (~1 ms, as long as the image's whole resize)
+                    torch.default_generator.manual_seed(seed_of(sid))
+                    samples.append(decoder.sample(raw))
+        except BadSample as e:
+            bad[e.reason] += 1
+            continue
+        keys.append(key)
+    return DecodedSamples(samples, keys, dict(bad))
+
+
 # ----------------------------------------------------------------------------------------------- stream
 class ShardBatches(IterableDataset):
     """Endless stream of this rank's batches, from `start` on.
@@ -338,35 +379,14 @@ class ShardBatches(IterableDataset):
         if self.shards.cache is not None:  # streamed shards: this worker's next batches are fetched meanwhile
             ahead = [self.batch_ids(k + j * self._stride)[1] for j in range(1, PREFETCH_BATCHES + 1)]
             self.shards.prefetch(ids, np.concatenate(ahead))
-        samples, keys, bad = [], [], Counter()
-        error = None
-        for sid in ids.tolist():
-            try:
-                key, raw = self.shards.read(sid)
-            except (OSError, EOFError):
-                bad["unreadable"] += 1
-                continue
-            except DataError as e:
-                error = str(e)
-                break
-            try:
-                with torch.random.fork_rng(devices=[]):
-                    # the CPU generator only: torch.manual_seed also queues a lazy seed for every accelerator
-                    # backend, with a stack trace each (~1 ms, as long as the image's whole resize)
-                    torch.default_generator.manual_seed(sample_seed(self.spec.seed, pos.epoch, sid))
-                    samples.append(self.decoder.sample(raw))
-            except BadSample as e:
-                bad[e.reason] += 1
-                continue
-            keys.append(key)
-        batch = self.decoder.collate(samples) if samples and error is None else {}
+        read = decode_samples(self.shards, ids.tolist(), self.decoder,
+                              seed_of=lambda sid: sample_seed(self.spec.seed, pos.epoch, sid))
+        batch = self.decoder.collate(read.samples) if read.samples and read.error is None else {}
         nxt = StreamPosition(pos.epoch, pos.offset + self.global_batch)
-        # "bad" as a plain dict: the DataLoader's default_convert copies a mapping and then update()s the copy
-        # with its own items, which adds a Counter's counts to themselves (every bad sample counted twice)
-        out = {**batch, "keys": keys, "bad": dict(bad), "index": k, "epoch": pos.epoch, "offset": pos.offset,
+        out = {**batch, "keys": read.keys, "bad": read.bad, "index": k, "epoch": pos.epoch, "offset": pos.offset,
                "next": nxt.to_dict()}
-        if error is not None:
-            out["error"] = error
+        if read.error is not None:
+            out["error"] = read.error
         return out
 
     def __iter__(self) -> Iterator[dict]:
