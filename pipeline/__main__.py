@@ -393,12 +393,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
-        return args.func(args)
+        rc = args.func(args)
     except UserError as e:  # ConfigError, CheckpointError, DataError, ...: pipeline/errors.py
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    from pipeline.train.distributed import close_process_group
+
+    close_process_group()  # after a verb that ran on several ranks (train, eval under torchrun)
+    return rc
 
 
 if __name__ == "__main__":
