@@ -23,7 +23,7 @@ class Task(Protocol):
 
     model: torch.nn.Module  # what DeepSpeed wraps (every trainable parameter lives here)
     decoder: SampleDecoder  # training samples -> batches (loader workers) -> the device (`decoder.to_device`)
-    flops_per_sample: float  # forward + backward model FLOPs, for TFLOP/s and MFU
+    flops_per_sample: float  # forward + backward model FLOPs of a sample (TaskBase.batch_flops: what MFU counts)
 
     def param_groups(self) -> list[dict] | None:
         """AdamW parameter groups (e.g. layer-wise lr decay), or None for the default decay / no-decay split."""

@@ -32,6 +32,11 @@ class TaskBase:
     def check(cls, cfg: RunConfig) -> None:
         """The checks that can run before a process group starts (names, files); raises ConfigError."""
 
+    def batch_flops(self, samples: int, stats: dict) -> float:
+        """Model FLOPs (forward + backward) of one micro-batch of `samples` samples over all ranks, whose loss gave
+        `stats`: what the logged TFLOP/s and MFU count. By default every sample costs `flops_per_sample`."""
+        return samples * self.flops_per_sample
+
     @classmethod
     def plan_model(cls, cfg: RunConfig) -> torch.nn.Module:
         """The model with every tensor on the meta device, for `python -m pipeline plan`."""

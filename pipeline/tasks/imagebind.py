@@ -122,28 +122,34 @@ class ImageBindTask(TaskBase):
         transforms = {m: make_modality_transform(m, c, train=True, **self._transform_options(m))
                       for m, c in self.encoder_configs.items()}
         self.decoder = ModalityDecoder(train_tf, transforms, self.decode_options, cfg.data.jpeg_draft)
-        self.flops_per_sample = self._flops()
+        self.image_flops, self.encoder_flops = self._flops()
+        # a sample carrying every configured modality (one source with them all); batch_flops counts each batch
+        self.flops_per_sample = self.image_flops + sum(self.encoder_flops.values())
 
     def _transform_options(self, modality: str) -> dict:
         if modality == "audio":
             return {"sample_rate": self.ib.sample_rate, "clip_seconds": self.ib.clip_seconds}
         return {}
 
-    def _flops(self) -> int:
-        """Per sample (pipeline/train/flops.py): the image tower's forward (x1 when frozen, imagebind.freeze_towers,
-        else x3) + every configured encoder's x3. A sample is assumed to carry every configured modality, as in
-        one source carrying them all (configs/demo/imagebind_audio_depth.yaml); with one source per modality
-        (imagebind_disjoint.yaml) a sample runs one encoder, so this overcounts the encoders' share."""
+    def _flops(self) -> tuple[int, dict[str, int]]:
+        """Per sample (pipeline/train/flops.py): the image tower's step (its forward x1 when frozen,
+        imagebind.freeze_towers, else x3), and each configured encoder's (x3)."""
         model = self.model
         size = model.clip.visual.image_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         image = forward_flops(model, torch.empty(1, 3, *size, device="meta"), call=lambda mod, x: mod.encode_image(x))
-        total = step_flops(image, trains(model.clip.visual.parameters()))
+        encoders = {}
         for m, enc in model.encoders.items():
             inputs = torch.empty(1, *modality_input_shape(self.encoder_configs[m]), device="meta")
             forward = forward_flops(model, inputs, call=lambda mod, x, m=m: mod.encode_modality(m, x))
-            total += step_flops(forward, trains(enc.parameters()))
-        return total
+            encoders[m] = step_flops(forward, trains(enc.parameters()))
+        return step_flops(image, trains(model.clip.visual.parameters())), encoders
+
+    def batch_flops(self, samples: int, stats: dict) -> float:
+        """The image tower on every sample, each encoder on the samples that carry its modality (`samples/<m>`
+        of the loss's stats, over all ranks): with one source per modality (imagebind_disjoint.yaml) a sample
+        runs one encoder, and counting all of them would overstate the MFU."""
+        return samples * self.image_flops + sum(f * stats[f"samples/{m}"] for m, f in self.encoder_flops.items())
 
     def param_groups(self) -> list[dict]:
         return self.model.parameter_groups(self.cfg.train.lr, self.cfg.train.weight_decay, self.ib.tower_lr_scale)

@@ -232,7 +232,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
     samples_seen = start_step * t.global_batch_size
-    window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+    window_start, window_wait, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0.0
 
     def client_state(step: int) -> dict:
         return {"step": step, "data": {**position.to_dict(), "epoch_samples": dataset.epoch_len},
@@ -277,6 +277,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                 engine.step()
                 step_loss += loss.detach() / t.grad_accum
                 micro_steps += 1
+                window_flops += task.batch_flops(t.global_batch_size // t.grad_accum, stats)
             if micro_steps != t.grad_accum:  # DeepSpeed steps on every grad_accum-th backward
                 raise RuntimeError(f"the task gave {micro_steps} losses for train.grad_accum={t.grad_accum}")
             loss_sum += step_loss
@@ -319,7 +320,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                     "epoch": position.epoch,
                     "bad_samples": sum(bad.values()),
                     **{f"bad_samples/{reason}": n for reason, n in sorted(bad.items())},
-                    "tflops_per_s": window_steps * t.global_batch_size * task.flops_per_sample / elapsed / 1e12,
+                    "tflops_per_s": window_flops / elapsed / 1e12,
                 }
                 if peak_tflops:  # model FLOPs utilisation: achieved model TFLOP/s per device over its peak
                     record["mfu"] = record["tflops_per_s"] / env.world_size / peak_tflops
@@ -330,7 +331,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                     metrics.log(record)
                 nonfinite.raise_if_tripped(step)  # after the record: the metrics show the non-finite loss
                 loss_sum.zero_()
-                window_start, window_wait, window_steps = time.perf_counter(), 0.0, 0
+                window_start, window_wait, window_steps, window_flops = time.perf_counter(), 0.0, 0, 0.0
             if metrics:
                 metrics.advance()
             if ckpt_now:

@@ -43,6 +43,15 @@ def test_mixed_modalities_train_resume_key_for_key_and_export(disjoint_data, tmp
     assert per_step == [16] * 6  # every sample carries exactly one modality; all four sources are drawn
     for m in DISJOINT_MODALITIES:
         assert sum(r[f"samples/{m}"] for r in records.values()) > 0
+    # the logged TFLOP/s count each encoder on its own modality's samples only, not every encoder on every sample
+    from pipeline.config import load_config
+    from pipeline.tasks.registry import build_task
+
+    task = build_task(load_config(CONFIG, ["imagebind.towers=clip-tiny", f"data.classes={disjoint_data['classes']}"]))
+    for r in records.values():
+        step_flops = r["tflops_per_s"] * 1e12 / r["samples_per_s"] * 16  # the same elapsed time in both
+        assert step_flops == pytest.approx(task.batch_flops(16, r), rel=1e-9)
+        assert step_flops < 16 * task.flops_per_sample
     results = json.loads((a / "eval.json").read_text())
     for m in DISJOINT_MODALITIES:  # each on its own held-out set of 12
         assert results[f"{m}_samples"] == 12 and results[f"{m}_zero_shot_chance"] == pytest.approx(1 / 40)
