@@ -26,7 +26,7 @@ from pipeline.tasks import step_losses
 from pipeline.tasks.registry import build_task, check_task
 from pipeline.train.checkpoint import (checkpoint_meta, complete_checkpoints, find_checkpoint, load_checkpoint,
                                        remove_partials, save_checkpoint, vet_checkpoint)
-from pipeline.train.distributed import DistEnv, host_group, init_process_group
+from pipeline.train.distributed import DistEnv, close_process_group, host_group, init_process_group
 from pipeline.train.ema import WeightEMA, read_ema
 from pipeline.train.engine import build_engine, compute_dtype
 from pipeline.train.metrics import MetricsLog
@@ -356,7 +356,7 @@ def run_training(cfg: RunConfig, env: DistEnv) -> dict:
                     metrics.close()
                 if keys_log:
                     keys_log.close()
-                dist.barrier()
+                close_process_group()  # every rank is here; exiting with the group alive could abort (not 75)
                 raise Preempted()
         preemption.restore()
     finally:  # loader workers ignore SIGTERM (see loader.py): they must be shut down explicitly
