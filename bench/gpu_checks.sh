@@ -61,7 +61,8 @@ if want tests; then  # correctness first, in parallel (timing is the benchmarks'
     step tests_sync_a 170 "$PY" -m pytest -q -rfE -p no:cacheprovider tests/train/test_engine.py \
         tests/train/test_sync_free.py::test_sync_debug_mode_turns_a_read_back_into_an_error \
         "$SYNC[clip]" "$SYNC[siglip]" "$SYNC[imagebind]" &
-    step tests_sync_b 170 "$PY" -m pytest -q -rfE -p no:cacheprovider "$SYNC[clip_swinv2]" "$SYNC[simmim]" &
+    step tests_sync_b 170 "$PY" -m pytest -q -rfE -p no:cacheprovider "$SYNC[clip_swinv2]" "$SYNC[simmim]" \
+        "$SYNC[clip_lit_ema]" &
     step tests_sync_c 170 "$PY" -m pytest -q -rfE -p no:cacheprovider "$SYNC[supervised]" "$SYNC[supervised_mixup]" &
 fi
 wait
