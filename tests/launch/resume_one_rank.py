@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pipeline.config import load_config, resolve_batch
 from pipeline.models.clip import create_clip, promote_scalar_params
 from pipeline.objectives.clip_loss import clip_loss
 from pipeline.train.checkpoint import checkpoint_meta, checkpoint_world_size, load_checkpoint
-from pipeline.train.distributed import init_process_group, read_dist_env
+from pipeline.train.distributed import close_process_group, init_process_group, read_dist_env
 from pipeline.train.engine import build_engine
 
 
@@ -64,7 +63,7 @@ def main(ckpt: Path) -> dict:
               "moment_max": max(m for _, m in moments), "optimizer_steps": opt_steps,
               "global_steps_after": engine.global_steps, "loss": loss.item(), "changed": changed,
               "params": len(before), "lr": engine.get_lr()[0]}
-    dist.barrier()
+    close_process_group()  # as the verbs leave: a rank exiting with its gloo group alive can abort
     return report
 
 

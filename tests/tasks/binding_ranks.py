@@ -14,7 +14,7 @@ import torch.distributed as dist
 from pipeline.config import RunConfig, resolve_batch
 from pipeline.demo_data.multimodal import render_multimodal_sample
 from pipeline.tasks.imagebind import ImageBindTask
-from pipeline.train.distributed import init_process_group, read_dist_env
+from pipeline.train.distributed import close_process_group, init_process_group, read_dist_env
 from pipeline.train.engine import build_engine, compute_dtype
 
 # per sample of the global batch: the members it keeps (all carry jpg + txt)
@@ -65,7 +65,7 @@ def main(out_path: str, zero_stage: int) -> None:
     if env.rank == 0:
         torch.save(grads, out_path)
         print("REPORT " + json.dumps(report), flush=True)
-    dist.barrier()
+    close_process_group()  # as the verbs leave: a rank exiting with its gloo group alive can abort
 
 
 if __name__ == "__main__":
