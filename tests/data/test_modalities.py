@@ -1,4 +1,5 @@
 import io
+import sys
 import pathlib
 import struct
 import wave
@@ -131,14 +132,15 @@ def test_bad_audio():
         decode_audio(pcm_wav(tone(800, 16000)[:, None], 16000, 2), "wav")
 
 
-def test_flac_decodes_or_is_refused_clearly():
+def test_flac_without_soundfile_is_refused_clearly(monkeypatch):
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # as if the optional package were not installed
+    with pytest.raises(BadSample, match="unsupported_audio"):
+        decode_audio(b"fLaC\x00\x00\x00\x22", "flac")
+
+
+def test_flac_decodes_with_soundfile():
+    soundfile = pytest.importorskip("soundfile", reason="FLAC needs the optional soundfile package")
     x = tone(8000, 16000)
-    try:
-        import soundfile
-    except ImportError:
-        with pytest.raises(BadSample, match="unsupported_audio"):
-            decode_audio(b"fLaC\x00\x00\x00\x22", "flac")
-        return
     buf = io.BytesIO()
     soundfile.write(buf, np.stack([x, x], 1), 22050, format="FLAC", subtype="PCM_16")
     out = decode_audio(buf.getvalue(), "flac")

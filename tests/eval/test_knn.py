@@ -109,9 +109,20 @@ def test_extract_features_on_demo_shards(demo_data):
     feats, labels = extract_features(model, demo_data["val"], backbone_transforms(model, train=False),
                                      batch_size=32, max_samples=50)
     assert feats.shape == (50, 128) and labels.shape == (50,) and model.training
-    assert labels.min() >= 0 and labels.max() < 40
-    res = knn_classify(feats[:40], labels[:40], feats[40:], labels[40:], 40, k=5)
-    assert set(res) == {"top1", "top5"}
+    # in shard order, each sample's pooled features from the eval-mode model and its .cls label
+    from pipeline.data.decoders import ImageLabelDecoder, decode_label
+    from pipeline.data.loader import ShardSet, expand_shards
+    from pipeline.models.backbone import backbone_features
+
+    shards = ShardSet(expand_shards(demo_data["val"]))
+    raws = [shards.read(i)[1] for i in (0, 1, 37, 49)]
+    decoder = ImageLabelDecoder(backbone_transforms(model, train=False))
+    images = decoder.to_device(decoder.collate([decoder.sample(r) for r in raws]), "cpu", torch.float32)["images"]
+    model.eval()
+    with torch.no_grad():
+        direct = backbone_features(model, images)
+    torch.testing.assert_close(feats[[0, 1, 37, 49]], direct.float(), rtol=1e-5, atol=1e-5)
+    assert labels[[0, 1, 37, 49]].tolist() == [decode_label(r) for r in raws]
 
 
 def test_evaluate_backbone_on_demo_shards(demo_data):
@@ -124,7 +135,19 @@ def test_evaluate_backbone_on_demo_shards(demo_data):
     r = evaluate_backbone(model, demo_data["val"], tf, demo_data["train"], batch_size=40, knn_k=5,
                           knn_train_samples=60, probe_epochs=3)
     assert r["samples"] == 80 and r["classes"] == 40
-    assert {"top1", "top5", "knn_top1", "knn_top5", "probe_top1", "probe_top5"} <= set(r)
+    # each figure from its parts: the classifier on the val features, kNN and the probe over the first 60 train
+    # samples as the bank
+    from pipeline.objectives.classification import accuracy_topk
+
+    val, val_labels = extract_features(model, demo_data["val"], tf, batch_size=40)
+    bank, bank_labels = extract_features(model, demo_data["train"], tf, batch_size=40, max_samples=60)
+    with torch.no_grad():
+        acc = accuracy_topk(model.get_classifier()(val), val_labels, (1, 5))
+    knn = knn_classify(bank, bank_labels, val, val_labels, 40, k=5)
+    probe = linear_probe(bank, bank_labels, val, val_labels, 40, 3, 0.1, 0.0, 256, seed=0)
+    assert (r["top1"], r["top5"]) == (acc[1], acc[5])
+    assert (r["knn_top1"], r["knn_top5"]) == (knn["top1"], knn["top5"])
+    assert (r["probe_top1"], r["probe_top5"]) == (probe["top1"], probe["top5"])
     assert "classifier top-1" in format_backbone_results(r) and "over 40 classes" in format_backbone_results(r)
     headless = create_backbone("demo_vit", num_classes=0)
     r = evaluate_backbone(headless, demo_data["val"], tf, batch_size=40)

@@ -112,6 +112,18 @@ def test_several_row_blocks_match_reference(kernel_device, monkeypatch, dtype, n
                                    msg=name)
 
 
+@pytest.mark.parametrize("n, m", [(40, 40), (37, 53), (53, 53)])
+def test_several_tiles_match_reference(n, m):
+    """The CPU path in tiles of 16 rows and columns (ragged at the end; off-square diagonals): dX and dY accumulate
+    across tiles and the positives land on the right tiles. The other tests' sizes fit one 512 tile."""
+    x, y, tp, b = _inputs(n, m, 19, math.log(10), -10.0)
+    ref_loss, ref_grads = _reference(x, y, tp, b)
+    loss, *grads = sl._tiled_loss_and_grads(x, y, tp, b, has_positives=True, need_grads=True, tile=16)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    for name, got, want in zip(("dx", "dy", "dt'", "db"), grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, m, d, rows", [(4096, 4096, 768, None), (1000, 1000, 1152, None),
                                            (3000, 4100, 768, 1024)], ids=["4k", "1k_d1152", "3blocks"])

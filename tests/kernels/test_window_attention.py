@@ -244,9 +244,11 @@ def test_atomic_dbias_option_matches(monkeypatch, kernel_device):
     _check(atomic, want, _tolerances(torch.float32, qkv, bias, ls, geometry[3], geometry[5]))
 
 
-def test_no_grad_forward_and_strided_input(kernel_device):
+def test_no_grad_forward_and_strided_input(kernel_device, monkeypatch):
     """Under no_grad the forward skips the log-sum-exp; a qkv view with padded rows (row stride != W * 3C)
     is read in place."""
+    forward, asked = wa._triton_forward, []
+    monkeypatch.setattr(wa, "_triton_forward", lambda *a, **k: asked.append(k.get("need_lse")) or forward(*a, **k))
     B, H, W, heads, d, window, shift = 1, 14, 14, 2, 32, (7, 7), (3, 3)
     qkv, bias, ls, _ = _inputs(B, H, W, heads, d, window, LS_INIT, torch.float32, device=kernel_device)
     wide = torch.zeros(B, H, W + 3, qkv.shape[-1], dtype=torch.float32, device=kernel_device)
@@ -255,6 +257,7 @@ def test_no_grad_forward_and_strided_input(kernel_device):
     assert not view.is_contiguous()
     with torch.no_grad():
         out = window_attention(view, heads, window, shift, bias.float(), ls.float(), impl="triton")
+    assert asked == [False]
     want = window_attention_reference(qkv, heads, window, shift, bias, ls)
     _check([out], [want], _tolerances(torch.float32, qkv, bias, ls, heads, window), names=["out"])
 
