@@ -392,15 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
+    from pipeline.train.distributed import close_process_group
+
     try:
         rc = args.func(args)
     except UserError as e:  # ConfigError, CheckpointError, DataError, ...: pipeline/errors.py
         print(f"error: {e}", file=sys.stderr)
+        close_process_group(barrier=False)  # this rank stops here; its peers learn it from their collectives
         return 2
     except KeyboardInterrupt:
         return 130
-    from pipeline.train.distributed import close_process_group
-
     close_process_group()  # after a verb that ran on several ranks (train, eval under torchrun)
     return rc
 

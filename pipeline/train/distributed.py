@@ -205,12 +205,13 @@ def init_process_group(env: DistEnv, backend: str) -> None:
 _HOST_GROUP = None  # a gloo group over every rank when the default group is NCCL's
 
 
-def close_process_group() -> None:
-    """Leaves torch.distributed once a verb's work is done, on every rank: a barrier (no rank tears its groups down
-    while a peer is still inside a collective), then `destroy_process_group`. A process that exits with its gloo
-    group alive has the group's worker threads destroyed during interpreter shutdown, and a rank can then abort
-    after its work is done ("terminate called without an active exception", SIGABRT: a failed eval or training
-    run in torchrun's eyes). A no-op outside a distributed run."""
+def close_process_group(barrier: bool = True) -> None:
+    """Leaves torch.distributed once a verb is done: a barrier (no rank tears its groups down while a peer is still
+    inside a collective; `barrier=False` when this rank alone stops on an error), then `destroy_process_group`.
+    A process that exits with its gloo group alive has the group's worker threads destroyed during interpreter
+    shutdown, and can then abort ("terminate called without an active exception", SIGABRT): a finished eval or
+    training run fails in torchrun's eyes, and a one-line error exits -6 instead of 2. A no-op outside a
+    distributed run."""
     if "torch.distributed" not in sys.modules:  # never started (the shard verb does not import torch at all)
         return
     import torch.distributed as dist
@@ -218,7 +219,8 @@ def close_process_group() -> None:
     global _HOST_GROUP
     if not (dist.is_available() and dist.is_initialized()):
         return
-    dist.barrier(group=host_group())
+    if barrier:
+        dist.barrier(group=host_group())
     dist.destroy_process_group()  # every group, the host group included
     _HOST_GROUP = None
 
