@@ -25,6 +25,10 @@ class Task(Protocol):
     decoder: SampleDecoder  # training samples -> batches (loader workers) -> the device (`decoder.to_device`)
     flops_per_sample: float  # forward + backward model FLOPs of a sample (TaskBase.batch_flops: what MFU counts)
 
+    def batch_flops(self, samples: int, stats: dict) -> float:
+        """Model FLOPs of one micro-batch of `samples` samples over all ranks, whose loss gave `stats` (TaskBase:
+        samples x flops_per_sample; ImageBind counts each encoder on the samples carrying its modality)."""
+
     def param_groups(self) -> list[dict] | None:
         """AdamW parameter groups (e.g. layer-wise lr decay), or None for the default decay / no-decay split."""
 

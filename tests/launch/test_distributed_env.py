@@ -132,7 +132,6 @@ for name, group in (("world", dist.group.WORLD), ("deepspeed", groups._clone_wor
 def test_every_process_group_gets_the_collective_timeout():
     """DeepSpeed creates its groups (the one its gradient all-reduce runs in) without a timeout: they must get
     PIPELINE_DIST_TIMEOUT too, not torch's built-in 30 minutes, or a hung peer holds the others there."""
-    import subprocess
 
     from conftest import REPO
     from pipeline.train.distributed import free_port
@@ -159,7 +158,6 @@ print("extensions", os.environ["TORCH_EXTENSIONS_DIR"])
 def test_deepspeed_ops_build_in_a_directory_of_this_environment():
     """DeepSpeed compiles its CPU shared-memory op when it starts; in torch's per-user default directory two
     Python environments used at once rebuilt it in turn behind one lock (test runs stalled for minutes)."""
-    import subprocess
 
     from conftest import REPO
     from pipeline.train.distributed import extensions_dir, free_port

@@ -132,12 +132,10 @@ def test_imagebind_counts_the_frozen_image_tower_once_and_each_encoder_three_tim
     model = task.model
     image = forward_flops(model, torch.empty(1, 3, *model.clip.visual.image_size, device="meta"),
                           call=lambda m, x: m.encode_image(x))
-    encoders = sum(forward_flops(enc, torch.empty(1, *modality_input_shape(task.encoder_configs[m]), device="meta"))
-                   for m, enc in model.encoders.items())
-    assert task.flops_per_sample == image + 3 * encoders
-    # a disjoint batch (one source per modality): each encoder counted on the samples that carry its modality
     each = {m: forward_flops(enc, torch.empty(1, *modality_input_shape(task.encoder_configs[m]), device="meta"))
             for m, enc in model.encoders.items()}
+    assert task.flops_per_sample == image + 3 * sum(each.values())
+    # a disjoint batch (one source per modality): each encoder counted on the samples that carry its modality
     assert task.batch_flops(128, {"samples/audio": 80, "samples/depth": 48}) == (
         128 * image + 3 * (80 * each["audio"] + 48 * each["depth"]))
     assert task.batch_flops(128, {"samples/audio": 128, "samples/depth": 128}) == 128 * task.flops_per_sample
