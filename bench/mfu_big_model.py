@@ -7,12 +7,11 @@ Run from the repository root on a GPU machine (about 2 minutes on an H200 once t
 What it does:
   1. reads the GPU's name and memory (torch.cuda.get_device_properties, in a child process, so that this process
      holds no CUDA context while the trainer runs) and plans the config on one GPU of that size with
-     pipeline.plan: the per-GPU micro-batch plan recommends (the config's own when it fits at the config's ZeRO
-     stage and activation-checkpointing choice; otherwise the one plan's warning names: the config's global
-     batch over the smallest train.grad_accum whose micro-batch fits), and the memory it predicts at that
-     micro-batch;
+     pipeline.plan: the setting plan recommends (`recommended:` in its output: the ZeRO stage, activation
+     checkpointing on or off and the per-GPU micro-batch that it expects to run fastest for the config's global
+     batch), and the memory it predicts at that micro-batch;
   2. renders (or reuses) the 224 px demo shards of bench/train_vs_open_clip.py (same defaults, same folder);
-  3. trains the config with that micro-batch (train.grad_accum=1, the config's ZeRO stage and activation
+  3. trains the config with that micro-batch (train.grad_accum=1, plan's ZeRO stage and activation
      checkpointing, a log record every step) for --warmup-steps + --steps steps, and stops the trainer once
      the last step is logged (the loop would then write a 16 GB checkpoint);
   4. reports MFU over the timed steps (samples x FLOPs per pair / seconds / device peak, FLOPs by
@@ -60,8 +59,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--overhead-gb", type=float, default=4.0, help="plan's fixed per-GPU overhead (default 4)")
     p.add_argument("--batch-size", type=int, default=0, help="micro-batch to run instead of plan's (0: plan's)")
     p.add_argument("--batch-rule", choices=["recommended", "max"], default="recommended",
-                   help="recommended: the micro-batch plan recommends for the config's global batch (default); "
-                        "max: the largest that fits at the config's stage (more memory, longer steps)")
+                   help="recommended: the setting plan recommends for the config's global batch: ZeRO stage, "
+                        "activation checkpointing and micro-batch (default); max: the largest micro-batch that "
+                        "fits at the config's stage and checkpointing (more memory, longer steps)")
     p.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the timing (default 2)")
     p.add_argument("--steps", type=int, default=5, help="timed steps (default 5; ViT-H/14 at plan's batch on an "
                    "H200 takes ~7 s per step at 40%% MFU)")
@@ -124,30 +124,30 @@ def make_plan(a: argparse.Namespace, overrides: list[str], mem_gib: float, peak:
         raise BenchError(f"plan: {e}") from None
 
 
-def choose_batch(a: argparse.Namespace, plan) -> tuple[int, str]:
-    """(micro-batch, how it was chosen) from plan on 1 GPU, per --batch-size / --batch-rule."""
-    from pipeline.plan import _accum_for  # plan's own rule behind its "it fits with ... grad_accum=K" advice
-
+def choose_batch(a: argparse.Namespace, plan) -> tuple[int, str, list[str]]:
+    """(micro-batch, how it was chosen, the overrides that setting needs) from plan on 1 GPU, per --batch-size /
+    --batch-rule."""
     stage = plan.stages[plan.config_zero_stage]
     ckpt = plan.config_activation_checkpointing
     cap = stage.max_micro_batch_ckpt if ckpt else stage.max_micro_batch_full
     where = (f"ZeRO-{stage.stage} {'with' if ckpt else 'without'} activation checkpointing in "
              f"{plan.gpu_mem_bytes / GiB:.1f} GiB")
     if a.batch_size:
-        return a.batch_size, f"--batch-size (plan's largest at {where}: {cap})"
-    if cap < 1:
-        raise BenchError(f"plan: not even one sample fits at {where}; see python -m pipeline plan")
+        return a.batch_size, f"--batch-size (plan's largest at {where}: {cap})", []
     if a.batch_rule == "max":
-        return cap, f"the largest micro-batch plan fits at {where}"
-    if plan.micro_batch <= cap:
-        return plan.micro_batch, f"the config's micro-batch, which plan fits at {where} (largest: {cap})"
-    k = _accum_for(plan, cap)
-    if k is None:
-        raise BenchError(f"plan: no train.grad_accum splits the global batch {plan.global_batch} into micro-batches "
-                         f"of at most {cap} (the largest at {where}); give --batch-size")
-    return plan.global_batch // k, (f"plan's recommendation for the config's global batch {plan.global_batch:,} "
-                                    f"on 1 GPU: train.grad_accum={k}, the largest micro-batch that fits at {where} "
-                                    f"being {cap}")
+        if cap < 1:
+            raise BenchError(f"plan: not even one sample fits at {where}; see python -m pipeline plan")
+        return cap, f"the largest micro-batch plan fits at {where}", []
+    rec = plan.recommendation
+    if rec is None:
+        raise BenchError(f"plan: nothing fits one GPU of {plan.gpu_mem_bytes / GiB:.1f} GiB; see python -m pipeline "
+                         "plan")
+    setting = [o for o in rec.overrides() if not o.startswith("train.grad_accum=")]  # the bench runs one micro-step
+    return rec.micro_batch, (
+        f"plan's recommendation for the config's global batch {plan.global_batch:,} on 1 GPU (the fastest setting "
+        f"that fits, `recommended:` in plan's output): ZeRO-{rec.zero_stage}, activation checkpointing "
+        f"{'on' if rec.activation_checkpointing else 'off'}, micro-batch {rec.micro_batch:,} x train.grad_accum="
+        f"{rec.grad_accum}"), setting
 
 
 def plan_command(a: argparse.Namespace, mem_gib: float, peak: float, extra: list[str]) -> list[str]:
@@ -379,7 +379,10 @@ def main(argv: list[str]) -> int:
     else:
         mem_gib, device = a.gpu_mem_gb, "CPU (no GPU: an orchestration check; memory figures are n/a)"
     plan = make_plan(a, a.overrides, mem_gib, peak)
-    batch, why = choose_batch(a, plan)
+    batch, why, setting = choose_batch(a, plan)
+    if setting:  # plan's recommended stage and checkpointing: the runs, plan at their batch and the report use them
+        a.overrides = a.overrides + setting
+        plan = make_plan(a, a.overrides, mem_gib, peak)
     flops = plan.flops_per_sample
     print(f"{plan.model} on {device}: plan on 1 GPU of {mem_gib:.1f} GiB -> micro-batch {batch:,} ({why}); "
           f"{flops / 1e9:,.1f} GFLOP per pair; peak {peak:g} TFLOP/s", flush=True)

@@ -47,6 +47,11 @@ train.grad_accum > 1 every sample is encoded once more without a graph (the cach
 batch's negatives): a third of a forward + backward more, counted in the step time.
 
 Negatives: every pair is scored against all G - 1 other pairs of the global batch (all ranks, all micro-steps).
+
+Recommendation (`recommend`): of the (ZeRO stage, checkpointing, micro-batch) settings that fit, the one with the
+least computation per step (x 4/3 for checkpointing's second forward, x 4/3 for accumulation's cached features),
+unless its micro-step holds fewer than BUSY_TOKENS image tokens; ties go to the lower stage, then the larger
+micro-batch. Stages below the config's are not offered; ZeRO-3 only when nothing fits below it.
 """
 from __future__ import annotations
 
@@ -62,6 +67,11 @@ from pipeline.train.device_peak import PLAN_PEAK_TFLOPS
 
 GiB = 1024**3
 ACCUM_FORWARD_FACTOR = 4 / 3  # forward + backward (3 forwards' worth) + the forward without graph
+RECOMPUTE_FACTOR = 4 / 3  # activation checkpointing: forward + backward + every block's forward once more
+# A micro-step of fewer image tokens than this per GPU runs the blocks' GEMMs (M = tokens) at a small M, where
+# fixed per-kernel costs take a visible share of the step: plan then prefers activation checkpointing at a larger
+# micro-batch. A rule of thumb for H100-class GPUs, not a measured threshold.
+BUSY_TOKENS = 16_384
 
 
 class PlanError(UserError, ValueError):
@@ -101,6 +111,22 @@ class StageEstimate:
 
 
 @dataclass
+class Recommendation:
+    """The setting plan expects to run fastest among those that fit (`recommend`)."""
+    zero_stage: int
+    activation_checkpointing: bool
+    micro_batch: int  # per GPU and micro-step
+    grad_accum: int
+    work: float  # what the GPU computes, in units of the model's FLOPs: 4/3 per recomputed forward
+    busy: bool  # the micro-step holds at least BUSY_TOKENS image tokens (or the whole per-GPU batch)
+
+    def overrides(self) -> list[str]:
+        return [f"train.zero_stage={self.zero_stage}",
+                f"model.activation_checkpointing={str(self.activation_checkpointing).lower()}",
+                f"train.grad_accum={self.grad_accum}"]
+
+
+@dataclass
 class Plan:
     model: str
     params: int
@@ -132,6 +158,7 @@ class Plan:
     train_time_s: float
     towers: list[Tower] = field(default_factory=list)
     stages: list[StageEstimate] = field(default_factory=list)
+    recommendation: Recommendation | None = None  # None: nothing fits
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -356,16 +383,46 @@ def plan_run(cfg: RunConfig, gpus: int, gpu_mem_gb: float = 80.0, mfu: float = 0
         step_time_s=step_time,
         samples_per_s=t.global_batch_size / step_time, train_steps=t.steps, train_time_s=t.steps * step_time,
         towers=tws, stages=stages)
+    plan.recommendation = recommend(plan)
     plan.warnings = _warnings(plan)
     return plan
 
 
-def _accum_for(plan: Plan, max_micro: int) -> int | None:
-    """The smallest train.grad_accum >= the config's whose micro-batch divides evenly and is <= max_micro."""
+def _accum_for(plan: Plan, max_micro: int, start: int | None = None) -> int | None:
+    """The smallest train.grad_accum >= `start` (the config's by default) whose micro-batch divides evenly and
+    is <= max_micro."""
     per_rank = plan.global_batch // plan.gpus
-    for k in range(plan.grad_accum, per_rank + 1):
+    for k in range(plan.grad_accum if start is None else start, per_rank + 1):
         if plan.global_batch % (plan.gpus * k) == 0 and plan.global_batch // (plan.gpus * k) <= max_micro:
             return k
+    return None
+
+
+def recommend(plan: Plan) -> Recommendation | None:
+    """The fastest setting that fits, by what the GPU computes: activation checkpointing recomputes every
+    block's forward (x 4/3) and train.grad_accum > 1 encodes each sample once more for the cached features
+    (x 4/3), so checkpointing pays only where it saves the accumulation or where the micro-batch without it
+    would be too small to keep the GPU busy. Ties go to the lower ZeRO stage (less communication), then to the
+    larger micro-batch. Stages below the config's are not considered (its choice may be about communication or
+    headroom plan does not see), ZeRO-3 only when nothing fits below it: it gathers the parameters for every
+    forward and backward."""
+    per_gpu = plan.global_batch // plan.gpus
+    tokens = plan.towers[0].tokens if plan.towers else 1
+    first = plan.stages[plan.config_zero_stage:min(3, len(plan.stages))] or plan.stages[plan.config_zero_stage:]
+    for candidates in (first, plan.stages[3:] if plan.config_zero_stage < 3 else []):
+        options = []
+        for s in candidates:
+            for ckpt in (False, True):
+                cap = s.max_micro_batch_ckpt if ckpt else s.max_micro_batch_full
+                k = _accum_for(plan, cap, start=1) if cap else None
+                if k is None:
+                    continue
+                micro = per_gpu // k
+                work = (RECOMPUTE_FACTOR if ckpt else 1.0) * (ACCUM_FORWARD_FACTOR if k > 1 else 1.0)
+                busy = micro == per_gpu or micro * tokens >= BUSY_TOKENS
+                options.append(Recommendation(s.stage, ckpt, micro, k, work, busy))
+        if options:
+            return min(options, key=lambda r: (not r.busy, r.work, r.zero_stage, -r.micro_batch))
     return None
 
 

@@ -2,7 +2,7 @@
 per GPU by ZeRO stage (`--json` prints `Plan.to_dict()` instead)."""
 from __future__ import annotations
 
-from pipeline.plan import GiB, Plan
+from pipeline.plan import BUSY_TOKENS, GiB, Plan
 
 
 def _gib(x: float) -> str:
@@ -15,6 +15,23 @@ def _duration(seconds: float) -> str:
     if seconds >= 2 * 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min"
+
+
+def format_recommendation(plan: Plan) -> str:
+    r = plan.recommendation
+    why = []
+    if r.activation_checkpointing:
+        why.append("every block's forward twice")
+    if r.grad_accum > 1:
+        why.append("one more forward per sample for the cached features")
+    same = (r.zero_stage, r.activation_checkpointing, r.micro_batch) == (
+        plan.config_zero_stage, plan.config_activation_checkpointing, plan.micro_batch)
+    return (f"recommended{' (the config' + chr(39) + 's choice)' if same else ''}: ZeRO-{r.zero_stage}, activation "
+            f"checkpointing {'on' if r.activation_checkpointing else 'off'}, {r.micro_batch:,} per micro-step x "
+            f"{r.grad_accum} micro-step{'s' if r.grad_accum > 1 else ''}; the GPU computes {r.work:.2f}x the model FLOPs"
+            f"{' (' + ' and '.join(why) + ')' if why else ''}"
+            f"{'' if r.busy else f'; under {BUSY_TOKENS:,} image tokens per micro-step, the GPU may idle'}\n"
+            f"  overrides: {' '.join(r.overrides())}")
 
 
 def format_plan(plan: Plan) -> str:
@@ -54,5 +71,7 @@ def format_plan(plan: Plan) -> str:
                      f"{s.max_micro_batch_ckpt:>7} | {_gib(s.total_full):>12}{nk} {'yes' if s.fits_full else 'NO':>4} "
                      f"{s.max_micro_batch_full:>7}")
     lines.append("(max mb: the largest micro-batch per GPU that fits at that stage)")
+    if plan.recommendation is not None:
+        lines.append(format_recommendation(plan))
     lines.extend(plan.warnings)
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """The plan verb: exact parameter counts, ZeRO memory arithmetic, the activation formula, warnings, the CLI."""
+import dataclasses
 import json
 
 import open_clip
@@ -8,8 +9,8 @@ import torch
 from conftest import REPO, run_pipeline
 from pipeline.config import ConfigError, load_config
 from pipeline.models.clip import clip_step_flops, create_clip
-from pipeline.plan import (Block, activation_bytes_per_sample, block_bytes, flops_per_sample, gpus_from_args,
-                           meta_model, model_state_bytes, plan_run, towers)
+from pipeline.plan import (BUSY_TOKENS, Block, GiB, activation_bytes_per_sample, block_bytes, flops_per_sample,
+                           gpus_from_args, meta_model, model_state_bytes, plan_run, recommend, towers)
 from pipeline.plan_report import format_plan
 
 VIT_H14 = REPO / "configs" / "clip" / "vit_h14.yaml"
@@ -158,3 +159,58 @@ def test_accumulation_keeps_the_global_batchs_negatives_and_costs_one_forward(vi
     assert "negatives: 81,919 per pair" in format_plan(four) and "4 micro-steps" in format_plan(four)
     nothing_fits = plan_run(load_config(VIT_H14), 8, gpu_mem_gb=80, model=vit_h)
     assert "every pair keeps its 81,919 negatives" in nothing_fits.warnings[0]
+
+
+def test_recommendation_turns_checkpointing_off_where_the_batch_fits_without_it(vit_h):
+    # the config's 81,920 pairs on 640 GPUs: 128 each fit without checkpointing on 80 GiB, not on 40 GiB
+    roomy = plan_run(load_config(VIT_H14), 640, gpu_mem_gb=80, model=vit_h)
+    rec = roomy.recommendation
+    assert roomy.stages[2].fits_full and roomy.stages[2].total_full <= 80 * GiB
+    assert (rec.zero_stage, rec.activation_checkpointing, rec.micro_batch, rec.grad_accum, rec.work) == (
+        2, False, 128, 1, 1.0)
+    assert rec.overrides() == ["train.zero_stage=2", "model.activation_checkpointing=false", "train.grad_accum=1"]
+    tight = plan_run(load_config(VIT_H14), 640, gpu_mem_gb=40, model=vit_h)
+    assert not tight.stages[2].fits_full and tight.stages[2].fits_ckpt
+    assert (tight.recommendation.activation_checkpointing, tight.recommendation.micro_batch) == (True, 128)
+    assert tight.recommendation.work == pytest.approx(4 / 3)
+    assert "recommended (the config's choice): ZeRO-2, activation checkpointing on" in format_plan(tight)
+    assert "model.activation_checkpointing=false" in format_plan(roomy)
+
+
+def test_recommendation_weighs_recomputation_against_accumulation(vit_h):
+    # one H200: both settings need accumulation (its cached features: x4/3); checkpointing would add its own x4/3
+    one = plan_run(load_config(VIT_H14), 1, gpu_mem_gb=139.8, model=vit_h)
+    st, rec = one.stages[2], one.recommendation
+    assert not rec.activation_checkpointing and rec.work == pytest.approx(4 / 3)
+    assert rec.micro_batch <= st.max_micro_batch_full < 2 * rec.micro_batch  # the largest divisor that fits
+    assert 81920 % rec.micro_batch == 0 and rec.micro_batch * rec.grad_accum == 81920
+    assert rec.micro_batch * 257 >= BUSY_TOKENS and rec.busy
+
+
+def test_recommendation_prefers_checkpointing_to_a_micro_batch_too_small_to_keep_the_gpu_busy():
+    cfg = load_config(REPO / "configs" / "demo" / "clip_tiny.yaml", ["train.global_batch_size=1024"])
+    plan = plan_run(cfg, 1, gpu_mem_gb=4.3)
+    tokens = plan.towers[0].tokens
+    st, rec = plan.stages[plan.config_zero_stage], plan.recommendation
+    without = 1024 // next(k for k in range(1, 1025) if 1024 % k == 0 and 1024 // k <= st.max_micro_batch_full)
+    assert without * tokens < BUSY_TOKENS  # fits without checkpointing, at a micro-batch under the busy mark
+    assert rec.activation_checkpointing and rec.micro_batch * tokens >= BUSY_TOKENS
+    assert rec.micro_batch <= st.max_micro_batch_ckpt and rec.work == pytest.approx(16 / 9)
+
+
+def test_recommendation_keeps_the_configs_stage_and_takes_zero3_only_when_nothing_else_fits(vit_h):
+    plan = plan_run(load_config(VIT_H14), 640, gpu_mem_gb=80, model=vit_h)
+
+    def with_caps(caps):  # (max micro-batch with, without checkpointing) per stage
+        stages = [dataclasses.replace(s, max_micro_batch_ckpt=c, max_micro_batch_full=f)
+                  for s, (c, f) in zip(plan.stages, caps)]
+        return recommend(dataclasses.replace(plan, stages=stages))
+
+    # ZeRO-3 would run 128 per micro-step without checkpointing; ZeRO-2 (the config's) needs 4 micro-steps
+    rec = with_caps([(0, 0), (0, 0), (200, 50), (5000, 5000)])
+    assert (rec.zero_stage, rec.activation_checkpointing, rec.micro_batch) == (2, True, 128)
+    rec = with_caps([(0, 0), (0, 0), (0, 50), (5000, 5000)])
+    assert (rec.zero_stage, rec.activation_checkpointing, rec.micro_batch, rec.grad_accum) == (2, False, 32, 4)
+    rec = with_caps([(900, 900), (900, 900), (0, 0), (5000, 5000)])  # stages below the config's are not offered
+    assert (rec.zero_stage, rec.micro_batch) == (3, 128)
+    assert with_caps([(900, 900)] * 2 + [(0, 0)] * 2) is None
