@@ -11,9 +11,10 @@ Three implementations of one contract, `loss_and_grads(x, y, t_prime, bias, has_
 - `reference`: the formula above with the full logit matrix (tests only).
 - `tiled`: PyTorch over small (rows x columns) tiles; memory is linear in n + m. The CPU path.
 - `blocks`: the GPU path, at the FLOP floor of three GEMMs. For each block of R rows: the logits S = X_R Y^T
-  (cuBLAS, fp32 accumulation, written in x's dtype as PyTorch's own logits are), one Triton elementwise pass that turns S into the coefficients t (sigmoid(z) - [pos])
-  and per-row partial sums of the loss, dt' and db, then dX_R = G Y and dY += G^T X_R (cuBLAS, dY accumulated in
-  fp32). R is sized so that one block's logits and coefficients stay under BLOCK_BYTES. A fused single pass in
+  (cuBLAS, fp32 accumulation, written in x's dtype as PyTorch's own logits are), one Triton elementwise pass that
+  turns S in place into the coefficients t (sigmoid(z) - [pos]) and per-row partial sums of the loss, dt' and db,
+  then dX_R = G Y and dY += G^T X_R (cuBLAS, dY accumulated in fp32). R is sized so that one block's logits stay
+  under BLOCK_BYTES. A fused single pass in
   the style of FlashAttention would recompute the logits for dY (and at d = 768 its accumulators do not fit in
   registers); chunking by rows does each GEMM once. Sums run in a fixed order: results are deterministic.
   Under TRITON_INTERPRET=1 the same path runs on the CPU (fp32 / fp16) for the tests.
@@ -91,19 +92,22 @@ def _tiled_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: 
 
 # ----------------------------------------------------------------------------------------------- blocks
 # The GPU path does the floor's FLOPs: per block of R rows, three GEMMs on cuBLAS and one fused elementwise pass.
-# The logits of a block are kept (in x's dtype) between its GEMM and the pass; R is sized so that the block's
-# logits and coefficients fit a fixed budget, which bounds the extra memory at any n: with the fp32 dY
-# accumulator and the gradients, about 1.3 GiB at n = m = 65,536, d = 768 in bf16.
-BLOCK_BYTES = 640 * 2**20  # logits + coefficients of one row block
+# The logits of a block are kept (in x's dtype) between its GEMM and the pass, which writes the coefficients over
+# them; R is sized so that the block fits a fixed budget, which bounds the extra memory at any n: with the fp32 dY
+# accumulator (two of them while cuBLAS adds a block into a new one) and the gradients, about 1.3 GiB at
+# n = m = 65,536, d = 768 in bf16. In place, the same budget holds twice the rows of a separate coefficient
+# buffer: half as many blocks, so half the fp32 dY traffic (each block reads and writes all of dY).
+BLOCK_BYTES = 640 * 2**20  # the logits (then coefficients) of one row block
 ROW_ALIGN = 128  # R is a multiple of this (cuBLAS tiles), unless the whole of x is one block
 
 if triton is not None:
 
     @triton.jit
-    def _coefficients_kernel(s_ptr, g_ptr, part_ptr, tp_ptr, b_ptr, row0, n, m, stride_s, stride_g, n_chunks,
+    def _coefficients_kernel(s_ptr, part_ptr, tp_ptr, b_ptr, row0, n, m, stride_s, n_chunks,
                              HAS_POS: tl.constexpr, NEED_GRADS: tl.constexpr, BLOCK: tl.constexpr):
         """Program (row r of the block, column chunk c): from s = <x_i, y_j> (i = row0 + r) writes the gradient
-        coefficients (sigmoid(z) - [positive]) * t in g's dtype, and the chunk's partial sums of
+        coefficients (sigmoid(z) - [positive]) * t over s (in place: each element is loaded, then stored, by the one
+        program that owns it), and the chunk's partial sums of
         -log_sigmoid(label z), (sigmoid(z) - [positive]) * s and (sigmoid(z) - [positive]) to part[r, c]
         (summed later in a fixed order: deterministic)."""
         r = tl.program_id(0)
@@ -127,7 +131,7 @@ if triton is not None:
         g = tl.where(valid, sig - pos.to(tl.float32), 0.0)
         if NEED_GRADS:
             # scaled by t, not t / n: |g t| <= 100 stays in fp16's normal range at any n; 1/n is applied after
-            tl.store(g_ptr + r.to(tl.int64) * stride_g + cols, (g * t).to(g_ptr.dtype.element_ty), mask=valid)
+            tl.store(s_ptr + r.to(tl.int64) * stride_s + cols, (g * t).to(s_ptr.dtype.element_ty), mask=valid)
         base = part_ptr + (r * n_chunks + c) * 3
         tl.store(base + 0, tl.sum(nll, axis=0))
         tl.store(base + 1, tl.sum(g * s, axis=0))
@@ -154,9 +158,9 @@ def _accumulate_f32(acc: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) 
 
 
 def row_block(n: int, m: int, elem_bytes: int) -> int:
-    """Rows per block: as many as keep the block's logits and coefficients (both in x's dtype) within
-    BLOCK_BYTES."""
-    rows = BLOCK_BYTES // (m * 2 * elem_bytes)
+    """Rows per block: as many as keep the block's logits (in x's dtype, the coefficients written over them)
+    within BLOCK_BYTES."""
+    rows = BLOCK_BYTES // (m * elem_bytes)
     if rows >= n:
         return n
     return max(ROW_ALIGN, rows // ROW_ALIGN * ROW_ALIGN)
@@ -183,14 +187,12 @@ def _block_loss_and_grads(x, y, t_prime, bias, has_positives: bool, need_grads: 
     dy = None
     for r0 in range(0, n, rows):
         xr = x[r0:r0 + rows]
-        s = xr @ y.T  # in x's dtype, as PyTorch's own bf16 logits: measured faster than fp32 logits at 64k
-        g = torch.empty(s.shape, dtype=x.dtype, device=x.device) if need_grads else s
+        g = xr @ y.T  # the logits, in x's dtype as PyTorch's own bf16 logits (measured faster than fp32 at 64k)
         part = torch.empty(xr.shape[0], n_chunks, 3, dtype=torch.float32, device=x.device)
-        _coefficients_kernel[(xr.shape[0], n_chunks)](
-            s, g, part, tp, b, r0, n, m, s.stride(0), g.stride(0), n_chunks,
+        _coefficients_kernel[(xr.shape[0], n_chunks)](  # turns g into the coefficients, in place
+            g, part, tp, b, r0, n, m, g.stride(0), n_chunks,
             HAS_POS=has_positives, NEED_GRADS=need_grads, BLOCK=block, num_warps=8)
         sums += part.sum(dim=(0, 1))
-        del s
         if need_grads:
             dx[r0:r0 + rows] = _mm_f32(g, y).mul_(1 / n)  # rounded to x's dtype once
             dy = _accumulate_f32(dy, g.T, xr)

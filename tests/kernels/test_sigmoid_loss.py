@@ -98,8 +98,8 @@ def test_several_row_blocks_match_reference(kernel_device, monkeypatch, dtype, n
     """Blocks of 16 rows (the last one ragged): the per-block logits, coefficients, dX rows and the fp32 dY
     accumulation across blocks give the single-block result."""
     monkeypatch.setattr(sl, "ROW_ALIGN", 16)
-    monkeypatch.setattr(sl, "BLOCK_BYTES", 16 * m * 4)
-    assert sl.row_block(n, m, 2) == 16
+    monkeypatch.setattr(sl, "BLOCK_BYTES", 16 * m * 2)  # 16 rows of fp16 logits, the coefficients written over them
+    assert sl.row_block(n, m, 2) == 16 and sl.row_block(n, m, 4) == 16  # fp32: 8 rows, rounded up to ROW_ALIGN
     x, y, tp, b = _inputs(n, m, 33, math.log(10), -10.0, device=kernel_device)
     if dtype == torch.float16:
         x, y = x.half().double(), y.half().double()
@@ -131,7 +131,7 @@ def test_bf16_on_gpu_judged_like_flash_attention(monkeypatch, n, m, d, rows):
     """The block path in bf16 may err against a float64 reference at most ~2x as much as the same math done
     the way PyTorch users do it: bf16 GEMMs (bf16 logits), fp32 scale and bias (as open_clip's parameters)."""
     if rows:  # several row blocks, the last one ragged
-        monkeypatch.setattr(sl, "BLOCK_BYTES", rows * m * 4)  # bf16 logits + bf16 coefficients
+        monkeypatch.setattr(sl, "BLOCK_BYTES", rows * m * 2)  # bf16 logits, the coefficients written over them
     x, y, tp, b = _inputs(n, m, d, math.log(10), -10.0, device="cuda")
     x, y = x.bfloat16().double(), y.bfloat16().double()
     ref_loss, ref_grads = _reference(x, y, tp, b)
